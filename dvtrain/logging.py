@@ -1,0 +1,173 @@
+"""Run observability: ``metrics.jsonl``, Weights & Biases, and a rich progress bar (rank 0 only).
+
+W&B mode ``auto`` is online when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry
+for the W&B host) and offline otherwise; offline runs keep their files under ``<run_dir>/wandb`` and
+can be uploaded later with ``wandb sync``. The W&B run id is stored in the run directory so a resumed
+launch continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from dvtrain.recipe import Recipe
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """``auto`` -> ``online`` if an API key is configured, else ``offline``; other modes unchanged."""
+    if mode != "auto":
+        return mode
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        if netrc.netrc().authenticators(host):
+            return "online"
+    except (FileNotFoundError, netrc.NetrcParseError, OSError):
+        pass
+    return "offline"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        value = value.item()
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class RunLogger:
+    """Metrics sink of one run: JSON lines + W&B (rank 0); other ranks drop everything.
+
+    Args:
+        run_dir: the run directory (``metrics.jsonl`` and ``wandb/`` go there).
+        recipe: the resolved recipe, stored as the W&B run config.
+        rank: this process's rank; only rank 0 writes.
+        mode: W&B mode, ``auto`` | ``online`` | ``offline`` | ``disabled``.
+        extra_config: more config values for W&B (world size, derived values).
+    """
+
+    def __init__(self, run_dir: Path, recipe: Recipe, rank: int = 0, mode: str | None = None,
+                 extra_config: dict | None = None):
+        self.run_dir = Path(run_dir)
+        self.rank = rank
+        self.mode = resolve_wandb_mode(mode or recipe.wandb.mode)
+        self._wandb_run = None
+        self._metrics_file = None
+        if rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = self.run_dir / "wandb_run_id.txt"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        id_file.write_text(run_id)
+        config = recipe.model_dump(mode="json")
+        config.update(extra_config or {})
+        self._wandb_run = wandb.init(
+            project=recipe.wandb.project,
+            entity=recipe.wandb.entity,
+            name=recipe.name,
+            tags=recipe.wandb.tags,
+            config=config,
+            dir=str(self.run_dir),
+            mode=self.mode,
+            id=run_id,
+            resume="allow",
+            settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
+        )
+
+    @property
+    def wandb_dir(self) -> str | None:
+        """Directory of the W&B run files (offline runs: upload with ``wandb sync``)."""
+        return None if self._wandb_run is None else str(Path(self._wandb_run.dir).parent)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Log scalar metrics for optimizer step ``step`` (JSON line + W&B)."""
+        if self.rank != 0:
+            return
+        row = {"iteration": step, "time": time.time(), **{k: _jsonable(v) for k, v in metrics.items()}}
+        self._metrics_file.write(json.dumps(row) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=step)
+
+    def log_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """Log uint8 HWC pictures to W&B and save them as PNG under ``<run_dir>/images``."""
+        if self.rank != 0:
+            return
+        from PIL import Image
+
+        out = self.run_dir / "images"
+        out.mkdir(exist_ok=True)
+        for name, arr in images.items():
+            Image.fromarray(arr).save(out / f"{name}_{step:07d}.png")
+        if self._wandb_run is not None:
+            import wandb
+
+            self._wandb_run.log({k: wandb.Image(v) for k, v in images.items()}, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        """Set the W&B run summary (the run directory's ``summary.json`` is written by the launcher)."""
+        if self._wandb_run is not None:
+            for k, v in values.items():
+                self._wandb_run.summary[k] = _jsonable(v)
+
+    def close(self) -> None:
+        """Flush and close the metrics file and the W&B run."""
+        if self._metrics_file is not None:
+            self._metrics_file.close()
+            self._metrics_file = None
+        if self._wandb_run is not None:
+            self._wandb_run.finish()
+            self._wandb_run = None
+
+
+class TrainProgress:
+    """Rich progress bar (rank 0): iteration, images/s, losses, ETA; a no-op on other ranks."""
+
+    def __init__(self, total: int, start: int = 0, rank: int = 0, console: Console | None = None):
+        self.enabled = rank == 0
+        if not self.enabled:
+            return
+        self.console = console or Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=self.console,
+            refresh_per_second=2,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
+        self.progress.start()
+
+    def update(self, iteration: int, stats: dict[str, float], log_line: bool = False) -> None:
+        """Move the bar to ``iteration`` and show ``stats``; ``log_line`` also prints them as a line."""
+        if not self.enabled:
+            return
+        text = "  ".join(f"{k} {v:.4g}" for k, v in stats.items())
+        self.progress.update(self.task, completed=iteration, stats=text)
+        if log_line:
+            self.progress.console.log(f"it {iteration}: {text}")
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.stop()
