@@ -93,6 +93,41 @@ def show(
     out_console.print(json.dumps(ds, indent=2), markup=False)
 
 
+bench_app = typer.Typer(help="Microbenchmarks (kernels against eager torch and torch.compile).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("kernels")
+@user_errors
+def bench_kernels(
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
+    quick: bool = typer.Option(False, "--quick", help="Small shapes and few repeats (a minute on a CPU)."),
+) -> None:
+    """Time the fused SwiGLU and KoLeo kernels against eager torch and torch.compile (forward, backward,
+    full step, peak memory). Without a GPU only the references are timed.
+
+    Example: dvtrain bench kernels --json benchmarks/results/kernels.json
+    """
+    from dvtrain.bench import run_kernel_bench
+
+    run_kernel_bench(str(json_path) if json_path else None, quick=quick)
+
+
+def _mount_subcommands() -> None:
+    from dvtrain.data.commands import app as data_app
+    from dvtrain.eval.commands import app as eval_app
+    from dvtrain.export import export_command
+    from dvtrain.viz import viz_app
+
+    app.add_typer(data_app, name="data", help="Convert image folders to MDS shards; inspect shards.")
+    app.add_typer(eval_app, name="eval", help="Evaluate a backbone: k-NN and linear probes.")
+    app.add_typer(viz_app, name="viz", help="PCA feature maps and attention maps of a backbone.")
+    app.command("export")(export_command)
+
+
+_mount_subcommands()
+
+
 @app.command()
 @user_errors
 def demo() -> None:

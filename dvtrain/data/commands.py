@@ -1,0 +1,124 @@
+"""``dvtrain data`` commands: ``convert`` (images -> MDS shards) and ``inspect`` (stats + PNG).
+
+Thin layer: parse options, call ``dvtrain.data.shards.convert_to_mds`` /
+``dvtrain.data.inspect``, print a summary. User errors exit with code 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Prepare and inspect training data (MDS shards for mosaicml-streaming).",
+                  no_args_is_help=True, add_completion=False)
+console = Console(soft_wrap=True)  # paths and skip reasons stay on one line
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(code=2)
+
+
+def _parse_label_names(value: Optional[str]) -> Optional[list[str]]:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="Image folder (SRC/<class>/...), a path list (.txt/.csv: "
+                               "'path [label]' per line), IDX (*-idx3-ubyte[.gz]) or .npy/.npz."),
+    out: str = typer.Argument(..., help="Output directory, or an object-store URL (s3://, gs://, "
+                              "...) that mosaicml-streaming can write to."),
+    labels: str = typer.Option("auto", help="auto | from-folders | none"),
+    labels_file: Optional[Path] = typer.Option(None, help="Labels of IDX/.npy images (IDX1, .npy "
+                                               "or one integer per line). Default for IDX: the "
+                                               "sibling *-labels-idx1-ubyte[.gz] file."),
+    label_names: Optional[str] = typer.Option(None, help="Class names by label: 'a,b,c' or a file "
+                                              "with one name per line (not for folders)."),
+    max_side: Optional[int] = typer.Option(None, help="Resize images whose longer side exceeds "
+                                           "this many pixels (re-encoded: JPEG q95 / PNG)."),
+    workers: int = typer.Option(1, help="Decode/validate processes (output order unchanged)."),
+    limit: Optional[int] = typer.Option(None, help="Convert only the first N source entries."),
+    shard_size: str = typer.Option("64mb", help="Maximum shard size."),
+    overwrite: bool = typer.Option(False, help="Replace an existing local OUT (after success)."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+) -> None:
+    """Convert images to MDS shards + manifest.json; undecodable files are skipped and listed."""
+    from dvtrain.data.shards import convert_to_mds
+
+    try:
+        report = convert_to_mds(src, out, labels=labels, labels_file=labels_file,
+                                label_names=_parse_label_names(label_names), max_side=max_side,
+                                workers=workers, limit=limit, size_limit=shard_size,
+                                overwrite=overwrite, progress=progress)
+    except ValueError as e:
+        _fail(e)
+        return
+    m = report.manifest
+    console.print(f"wrote {m['num_samples']} samples to {report.out} "
+                  f"({m['num_labels']} labels, formats {m['image_formats']}, "
+                  f"{m['num_resized']} resized)")
+    if m["skipped"]:
+        console.print(f"[yellow]skipped {m['num_skipped']} file(s):[/yellow]")
+        for s in m["skipped"][:50]:
+            console.print(f"  {s['path']}: {s['reason']}", markup=False, highlight=False)
+        if m["num_skipped"] > 50:
+            console.print(f"  ... and {m['num_skipped'] - 50} more (see manifest.json)")
+
+
+@app.command()
+def inspect(
+    out: Path = typer.Argument(..., help="Local MDS dataset directory."),
+    png: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG here."),
+    samples: int = typer.Option(16, help="Random samples on the contact sheet."),
+    augmented: int = typer.Option(4, help="Samples shown with their multi-crop views."),
+    global_size: int = typer.Option(224, help="Global crop size (px)."),
+    local_size: int = typer.Option(96, help="Local crop size (px)."),
+    local_crops: int = typer.Option(8, help="Local crops per image."),
+    seed: int = typer.Option(0, help="Picks the samples and seeds the crops."),
+    scan: bool = typer.Option(False, help="Recompute stats from the shards, not the manifest."),
+) -> None:
+    """Print sample count, label histogram and image sizes; optionally write a contact sheet."""
+    from dvtrain.data.inspect import contact_sheet, dataset_stats
+    from dvtrain.data.shards import iter_label_names
+
+    try:
+        stats = dataset_stats(out, scan=scan)
+    except ValueError as e:
+        _fail(e)
+        return
+    console.print(f"{out}: {stats['num_samples']} samples in {stats['num_shards']} shard(s)"
+                  + (f", {stats['num_skipped']} skipped at conversion"
+                     if stats["num_skipped"] is not None else ""))
+    w, h = stats["width"], stats["height"]
+    console.print(f"image width  px: min {w['min']}  median {w['median']}  mean {w['mean']}  "
+                  f"max {w['max']}")
+    console.print(f"image height px: min {h['min']}  median {h['median']}  mean {h['mean']}  "
+                  f"max {h['max']}")
+    table = Table("label", "name", "count", "share")
+    total = max(1, stats["num_samples"])
+    for label, name in iter_label_names(stats):
+        count = int(stats["label_counts"][str(label)])
+        table.add_row(str(label), name, str(count), f"{100.0 * count / total:.1f}%")
+    console.print(table)
+    if png is not None:
+        try:
+            sheet = contact_sheet(out, png, num_samples=samples, num_augmented=augmented,
+                                  global_size=global_size, local_size=local_size,
+                                  num_local_crops=local_crops, seed=seed)
+        except ValueError as e:
+            _fail(e)
+            return
+        console.print(f"contact sheet {sheet['png']} ({sheet['size'][0]}x{sheet['size'][1]} px, "
+                      f"samples {sheet['indices']})")

@@ -1,0 +1,720 @@
+"""Convert image datasets into MosaicML Streaming MDS shards.
+
+Sources (``convert_to_mds``'s ``src``):
+- an image-folder tree (``SRC/<class>/**/<image>``; class folders sorted by name give the integer
+  labels, exactly like ``torchvision.datasets.ImageFolder``), or any folder with ``labels="none"``;
+- a text file listing one image path per line, optionally followed by an integer label
+  (``path<TAB or space or comma>label``; relative paths are relative to the list file; ``#`` starts
+  a comment);
+- an array dataset: IDX files (``*-idx3-ubyte``, optionally ``.gz``, as Fashion-MNIST ships them),
+  ``.npy`` (images only) or ``.npz`` (arrays ``images`` and optional ``labels``). Labels of IDX /
+  ``.npy`` images come from ``labels_file`` (IDX1, ``.npy`` or text), or from the sibling
+  ``*-labels-idx1-ubyte[.gz]`` file when one exists.
+
+Output (local directory or an object-store URL that mosaicml-streaming uploads to):
+- MDS shards with columns ``image`` (bytes: JPEG/PNG/... as found, or re-encoded when resized;
+  arrays become lossless PNG), ``label`` (int, -1 when unlabelled) and ``key`` (str: the source path
+  relative to SRC, or ``name[index]`` for arrays), plus streaming's ``index.json``;
+- ``manifest.json``, written last: counts, label names and per-label counts, image formats, skipped
+  files with their reasons, and the source description.
+
+Every image is decoded fully at conversion (``verify`` then ``load``); files that do not decode
+(truncated, corrupt, empty, not an image) are skipped and listed in the manifest. The output is
+deterministic: same source -> identical shard bytes. A local output is written to
+``OUT.tmp-<pid>`` and renamed at the end, so an interrupted conversion never looks complete.
+Remote outputs get ``index.json`` after all shards and ``manifest.json`` last.
+
+Reference: dinov2 reads ImageNet through ``dinov2/data/datasets/image_net.py`` (its own extra-file
+format); this module replaces that with streaming's MDS format.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import re
+import shutil
+import tempfile
+import urllib.parse
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import multiprocessing as mp
+import numpy as np
+from PIL import Image, ImageFile
+
+__all__ = [
+    "COLUMNS",
+    "IMAGE_EXTENSIONS",
+    "MANIFEST_NAME",
+    "ConversionReport",
+    "convert_to_mds",
+    "is_remote",
+    "load_idx",
+    "read_manifest",
+]
+
+COLUMNS: dict[str, str] = {"image": "bytes", "label": "int", "key": "str"}
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "dvtrain-mds-manifest"
+MANIFEST_VERSION = 1
+IMAGE_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
+)
+LABEL_MODES = ("auto", "from-folders", "none")
+JPEG_QUALITY = 95  # re-encoding quality (4:4:4) for resized JPEG sources
+_ARRAY_SUFFIXES = (".npy", ".npz")
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+# ----------------------------------------------------------------------------------------------
+# IDX / NumPy arrays
+
+
+def _open_maybe_gzip(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    opener = gzip.open if head == b"\x1f\x8b" else open
+    with opener(path, "rb") as f:
+        return f.read()
+
+
+def load_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (the MNIST / Fashion-MNIST format), gzipped or raw.
+
+    Args:
+        path: ``*-idx3-ubyte`` (images) or ``*-idx1-ubyte`` (labels), optionally ``.gz``
+            (detected from the gzip magic bytes, not the suffix).
+
+    Returns:
+        Array with the file's shape and dtype, e.g. uint8 [N, 28, 28] for Fashion-MNIST images and
+        uint8 [N] for its labels (multi-byte IDX types are converted to native byte order).
+
+    Raises:
+        ValueError: the file is not IDX (bad magic), has an unknown type code, or its payload size
+            does not match the header.
+    """
+    path = Path(path)
+    raw = _open_maybe_gzip(path)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (the first two bytes must be zero)")
+    type_code, ndim = raw[2], raw[3]
+    if type_code not in _IDX_DTYPES:
+        raise ValueError(f"{path}: unknown IDX type code 0x{type_code:02x}; valid: "
+                         f"{sorted(hex(k) for k in _IDX_DTYPES)}")
+    header = 4 + 4 * ndim
+    dims = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    dtype = np.dtype(_IDX_DTYPES[type_code])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise ValueError(f"{path}: IDX header says shape {dims} ({expected} bytes) but the payload "
+                         f"has {len(raw) - header} bytes; the file is truncated or corrupt")
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=True)
+
+
+def _is_idx_path(path: Path) -> bool:
+    name = path.name.lower()
+    return "-idx" in name or name.endswith((".idx", ".idx.gz"))
+
+
+def _load_labels_file(path: Path, n: int) -> np.ndarray:
+    """Labels int64 [n] from IDX1 / .npy / text (one integer per line)."""
+    if not path.is_file():
+        raise ValueError(f"labels file {path} does not exist")
+    if path.suffix == ".npy":
+        labels = np.load(path)
+    elif _is_idx_path(path):
+        labels = load_idx(path)
+    else:
+        lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
+        try:
+            labels = np.array([int(ln) for ln in lines])
+        except ValueError as e:
+            raise ValueError(f"labels file {path}: every line must be one integer ({e})") from None
+    labels = np.asarray(labels).reshape(-1)
+    if labels.shape[0] != n:
+        raise ValueError(f"labels file {path} has {labels.shape[0]} labels but the images have {n}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels file {path}: labels must be integers, got dtype {labels.dtype}")
+    return labels.astype(np.int64)
+
+
+def _sibling_idx_labels(path: Path) -> Path | None:
+    """Fashion-MNIST naming: train-images-idx3-ubyte.gz -> train-labels-idx1-ubyte.gz."""
+    name = path.name
+    if "images" not in name or "idx3" not in name:
+        return None
+    candidate = path.with_name(name.replace("images", "labels").replace("idx3", "idx1"))
+    return candidate if candidate.is_file() else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass(frozen=True)
+class _Task:
+    """One sample to validate/encode: a file path or an in-memory array."""
+
+    key: str
+    label: int
+    path: str | None = None
+    array: np.ndarray | None = None
+
+
+@dataclass
+class _Source:
+    kind: str  # "folder" | "list" | "idx" | "npy" | "npz"
+    description: dict[str, Any]
+    tasks: list[_Task]
+    label_names: list[str] | None
+    pre_skipped: list[dict[str, str]]  # found but rejected before decoding (reason given)
+
+
+def _has_image_suffix(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _walk_images(root: Path) -> list[Path]:
+    """All image files under root, sorted by relative POSIX path; hidden entries skipped."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for fn in filenames:
+            if not fn.startswith(".") and _has_image_suffix(fn):
+                found.append(Path(dirpath) / fn)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _folder_source(src: Path, labels: str) -> _Source:
+    subdirs = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if labels == "auto":
+        labels = "from-folders" if subdirs else "none"
+    tasks: list[_Task] = []
+    pre_skipped: list[dict[str, str]] = []
+    label_names: list[str] | None = None
+    if labels == "from-folders":
+        if not subdirs:
+            raise ValueError(f"{src} has no class subfolders; --labels from-folders needs "
+                             f"SRC/<class>/<images>. Use --labels none for an unlabelled folder.")
+        label_names = subdirs
+        class_of = {name: i for i, name in enumerate(subdirs)}
+        for path in _walk_images(src):
+            rel = path.relative_to(src).as_posix()
+            top = rel.split("/", 1)[0]
+            if "/" not in rel:
+                pre_skipped.append({"path": rel, "reason": "not inside a class folder "
+                                    "(--labels from-folders)"})
+                continue
+            tasks.append(_Task(key=rel, label=class_of[top], path=str(path)))
+    else:
+        for path in _walk_images(src):
+            tasks.append(_Task(key=path.relative_to(src).as_posix(), label=-1, path=str(path)))
+    desc = {"kind": "folder", "path": str(src), "labels": labels}
+    return _Source("folder", desc, tasks, label_names, pre_skipped)
+
+
+def _parse_list_line(line: str) -> tuple[str, int | None]:
+    """'path', 'path 3', 'path\\t3', 'path,3' -> (path, label or None)."""
+    for sep in ("\t", ",", " "):
+        if sep in line:
+            head, _, tail = line.rpartition(sep)
+            tail = tail.strip()
+            if head.strip() and tail.lstrip("-").isdigit():
+                return head.strip(), int(tail)
+    return line, None
+
+
+def _list_source(src: Path, labels: str) -> _Source:
+    if labels == "from-folders":
+        raise ValueError(f"--labels from-folders needs an image folder, but {src} is a list file; "
+                         f"put labels in the list ('path<TAB>label') or use --labels none")
+    tasks: list[_Task] = []
+    pre_skipped: list[dict[str, str]] = []
+    any_label = False
+    for lineno, line in enumerate(src.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        rel, label = _parse_list_line(line)
+        any_label |= label is not None
+        path = Path(rel).expanduser()
+        if not path.is_absolute():
+            path = src.parent / path
+        if labels == "none" or label is None:
+            label = -1
+        tasks.append(_Task(key=rel, label=label, path=str(path)))
+    if labels == "auto" and not any_label:
+        labels = "none"
+    desc = {"kind": "list", "path": str(src), "labels": "from-list" if labels != "none" else "none"}
+    return _Source("list", desc, tasks, None, pre_skipped)
+
+
+def _array_source(src: Path, labels: str, labels_file: Path | None) -> _Source:
+    if labels == "from-folders":
+        raise ValueError(f"--labels from-folders needs an image folder, but {src} is an array file; "
+                         f"give --labels-file for IDX/.npy images or an .npz with 'labels'")
+    array_labels: np.ndarray | None = None
+    if src.suffix == ".npz":
+        kind = "npz"
+        with np.load(src) as z:
+            if "images" not in z:
+                raise ValueError(f"{src}: an .npz source needs an array named 'images' "
+                                 f"(found {sorted(z.files)})")
+            images = z["images"]
+            if "labels" in z:
+                array_labels = np.asarray(z["labels"]).reshape(-1).astype(np.int64)
+    elif src.suffix == ".npy":
+        kind = "npy"
+        images = np.load(src)
+    else:
+        kind = "idx"
+        images = load_idx(src)
+        if labels_file is None and labels != "none":
+            labels_file = _sibling_idx_labels(src)
+    n = images.shape[0]
+    if labels_file is not None:
+        array_labels = _load_labels_file(Path(labels_file), n)
+    if array_labels is not None and array_labels.shape[0] != n:
+        raise ValueError(f"{src}: {n} images but {array_labels.shape[0]} labels")
+    if labels == "none":
+        array_labels = None
+    _check_image_array(images, src)
+    tasks = [
+        _Task(key=f"{src.name}[{i}]", label=int(array_labels[i]) if array_labels is not None else -1,
+              array=images[i])
+        for i in range(n)
+    ]
+    desc = {"kind": kind, "path": str(src), "labels": "none" if array_labels is None else "array",
+            "labels_file": str(labels_file) if labels_file is not None else None,
+            "array_shape": list(images.shape), "array_dtype": str(images.dtype)}
+    return _Source(kind, desc, tasks, None, [])
+
+
+def _check_image_array(images: np.ndarray, src: Path) -> None:
+    if images.dtype != np.uint8:
+        raise ValueError(f"{src}: image arrays must be uint8 (got {images.dtype}); "
+                         f"scale and cast them to uint8 [0, 255] first")
+    ok = images.ndim == 3 or (images.ndim == 4 and images.shape[-1] in (1, 3, 4))
+    if not ok:
+        raise ValueError(f"{src}: image arrays must be [N, H, W] (grayscale) or [N, H, W, C] with "
+                         f"C in 1/3/4 (channels last); got shape {tuple(images.shape)}")
+
+
+def _build_source(src: Path, labels: str, labels_file: Path | None) -> _Source:
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels={labels!r} is not valid; choose one of {LABEL_MODES}")
+    if not src.exists():
+        raise ValueError(f"source {src} does not exist")
+    if src.is_dir():
+        if labels_file is not None:
+            raise ValueError("--labels-file applies to IDX/.npy sources only; an image folder takes "
+                             "its labels from class subfolders")
+        return _folder_source(src, labels)
+    if src.suffix in _ARRAY_SUFFIXES or _is_idx_path(src):
+        return _array_source(src, labels, labels_file)
+    if labels_file is not None:
+        raise ValueError("--labels-file applies to IDX/.npy sources only; a list file carries its "
+                         "labels per line")
+    if src.suffix.lower() in (".txt", ".lst", ".list", ".csv", ".tsv"):
+        return _list_source(src, labels)
+    raise ValueError(f"cannot tell what {src} is: expected an image folder, a path list (.txt, "
+                     f".lst, .csv, .tsv), IDX (*-idx3-ubyte[.gz]) or NumPy (.npy, .npz)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode / validate / encode (runs in worker processes)
+
+
+@dataclass(frozen=True)
+class _Result:
+    key: str
+    label: int
+    data: bytes | None
+    reason: str | None = None
+    fmt: str | None = None
+    width: int = 0
+    height: int = 0
+    resized: bool = False
+
+
+def _resized(im: Image.Image, max_side: int) -> Image.Image:
+    w, h = im.size
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if im.mode not in ("L", "LA", "RGB", "RGBA"):
+        im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
+    return im.resize(size, Image.Resampling.LANCZOS)
+
+
+def _encode(im: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    if fmt == "JPEG":
+        if im.mode not in ("L", "RGB"):
+            im = im.convert("RGB")
+        im.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 chroma
+    else:
+        im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _decode_check(data: bytes, max_side: int | None) -> tuple[bytes, str, int, int, bool]:
+    """Fully decode ``data``; return (bytes to store, format, width, height, resized)."""
+    if not data:
+        raise ValueError("empty file (0 bytes)")
+    with Image.open(io.BytesIO(data)) as im:
+        fmt = im.format or "UNKNOWN"
+        im.verify()
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()  # decodes every pixel: catches truncation that verify() misses
+        w, h = im.size
+        if max_side is not None and max(w, h) > max_side:
+            small = _resized(im, max_side)
+            out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
+            return _encode(small, out_fmt), out_fmt, small.size[0], small.size[1], True
+    return data, fmt, w, h, False
+
+
+def _process(task: _Task, max_side: int | None) -> _Result:
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a worker process may have inherited the flag
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in a conversion worker")
+    try:
+        if task.array is not None:
+            a = task.array[..., 0] if task.array.ndim == 3 and task.array.shape[-1] == 1 \
+                else task.array
+            im = Image.fromarray(a)
+            if max_side is not None and max(im.size) > max_side:
+                im = _resized(im, max_side)
+                resized = True
+            else:
+                resized = False
+            return _Result(task.key, task.label, _encode(im, "PNG"), None, "PNG", im.size[0],
+                           im.size[1], resized)
+        assert task.path is not None
+        try:
+            with open(task.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return _Result(task.key, task.label, None, "file not found")
+        except OSError as e:
+            return _Result(task.key, task.label, None, f"cannot read file: {e}")
+        out, fmt, w, h, resized = _decode_check(data, max_side)
+        return _Result(task.key, task.label, out, None, fmt, w, h, resized)
+    except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+        return _Result(task.key, task.label, None, _reason(e))
+
+
+def _reason(e: Exception) -> str:
+    """Error text without memory addresses (PIL names the BytesIO), so manifests are reproducible."""
+    return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "(image bytes)", f"{type(e).__name__}: {e}")
+
+
+def _process_chunk(chunk: list[_Task], max_side: int | None) -> list[_Result]:
+    return [_process(t, max_side) for t in chunk]
+
+
+def _ordered_results(tasks: Sequence[_Task], max_side: int | None, workers: int,
+                     chunk_size: int = 64) -> Iterator[_Result]:
+    """Process tasks in a process pool; yield results in task order with bounded memory."""
+    if workers <= 1:
+        for t in tasks:
+            yield _process(t, max_side)
+        return
+    chunks = (list(tasks[i:i + chunk_size]) for i in range(0, len(tasks), chunk_size))
+    # spawn: safe when the caller has threads (torch, rich); workers import only this module.
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        pending = deque(pool.submit(_process_chunk, c, max_side) for c in islice(chunks, 4 * workers))
+        while pending:
+            results = pending.popleft().result()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                pending.append(pool.submit(_process_chunk, nxt, max_side))
+            yield from results
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def is_remote(out: str) -> bool:
+    """True when ``out`` is an object-store URL (``s3://``, ``gs://``, ...), False for a local path."""
+    scheme = urllib.parse.urlparse(str(out)).scheme
+    return len(scheme) > 1  # "C:" style drive letters are not URLs
+
+
+@dataclass
+class ConversionReport:
+    """What ``convert_to_mds`` wrote.
+
+    Attributes:
+        out: the output location (local path or URL).
+        manifest: the manifest dict written to ``manifest.json``.
+    """
+
+    out: str
+    manifest: dict[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.manifest["num_samples"])
+
+    @property
+    def skipped(self) -> list[dict[str, str]]:
+        return list(self.manifest["skipped"])
+
+
+def _progress_bar(enabled: bool):
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                               TimeElapsedColumn, TimeRemainingColumn)
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[skipped]} skipped"), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled, transient=False)
+
+
+def convert_to_mds(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    labels: str = "auto",
+    labels_file: str | os.PathLike | None = None,
+    label_names: Sequence[str] | None = None,
+    max_side: int | None = None,
+    workers: int = 1,
+    limit: int | None = None,
+    size_limit: int | str = "64mb",
+    overwrite: bool = False,
+    progress: bool = True,
+    on_result: Callable[[int], None] | None = None,
+) -> ConversionReport:
+    """Convert an image folder / path list / IDX or NumPy arrays into MDS shards + manifest.
+
+    Args:
+        src: the source (see module docstring for the accepted layouts).
+        out: output directory, or an object-store URL (``s3://bucket/prefix``, ``gs://...``) that
+            mosaicml-streaming can upload to (shards are staged in a temporary local directory).
+        labels: ``"auto"`` (folder with subfolders -> from-folders, list with labels -> those,
+            arrays -> sibling/``labels_file``/npz labels), ``"from-folders"`` or ``"none"``
+            (every label -1).
+        labels_file: labels for IDX / ``.npy`` images (IDX1, ``.npy`` or one integer per line).
+        label_names: class names by label index (recorded in the manifest). Folder sources use
+            their class folder names and reject this argument.
+        max_side: if set (pixels), images whose longer side exceeds it are resized (Lanczos,
+            aspect kept) and re-encoded (JPEG q95 for JPEG sources, PNG otherwise).
+        workers: processes that read/decode/validate/encode; output order stays the source order.
+        limit: convert only the first ``limit`` source entries (after sorting).
+        size_limit: maximum shard size (bytes or streaming's "64mb" notation).
+        overwrite: replace an existing local ``out`` (swapped in only after success).
+        progress: show a rich progress bar with ETA.
+        on_result: called with the running count after each processed entry (tests/interrupts).
+
+    Returns:
+        ConversionReport with the manifest.
+
+    Raises:
+        ValueError: bad source, labels, ``max_side``/``workers``/``limit``; ``out`` exists and
+            ``overwrite`` is False; no source entry decodes; LOAD_TRUNCATED_IMAGES is enabled.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass "
+                         "validation. Set it to False before converting.")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels, got {max_side}")
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    src_path = Path(src).expanduser()
+    source = _build_source(src_path, labels, Path(labels_file) if labels_file else None)
+    if label_names is not None:
+        if source.label_names is not None:
+            raise ValueError("label names come from the class folders for a folder source; "
+                             "drop --label-names")
+        source.label_names = [str(n) for n in label_names]
+    tasks = source.tasks[:limit] if limit is not None else source.tasks
+    pre_skipped = source.pre_skipped
+    if not tasks:
+        raise ValueError(f"{src_path}: found no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+
+    out_str = str(out)
+    remote = is_remote(out_str)
+    final_dir = None if remote else Path(out_str).expanduser().absolute()
+    if final_dir is not None and final_dir.exists() and not overwrite:
+        raise ValueError(f"output {final_dir} already exists; pass --overwrite to replace it")
+    staging_root = Path(tempfile.mkdtemp(prefix="dvtrain-mds-")) if remote else None
+    if remote:
+        assert staging_root is not None
+        work_dir = staging_root / "shards"
+        writer_out: Any = (str(work_dir), out_str)
+    else:
+        assert final_dir is not None
+        work_dir = final_dir.with_name(f"{final_dir.name}.tmp-{os.getpid()}")
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        work_dir.parent.mkdir(parents=True, exist_ok=True)
+        writer_out = str(work_dir)
+
+    from streaming import MDSWriter
+
+    writer = MDSWriter(out=writer_out, columns=COLUMNS, compression=None, size_limit=size_limit)
+    finished = False
+    label_counts: Counter[int] = Counter()
+    formats: Counter[str] = Counter()
+    widths: list[int] = []
+    heights: list[int] = []
+    skipped = list(pre_skipped)
+    num_resized = 0
+    try:
+        with _progress_bar(progress) as bar:
+            job = bar.add_task("convert", total=len(tasks), skipped=len(skipped))
+            for i, res in enumerate(_ordered_results(tasks, max_side, workers)):
+                if res.data is None:
+                    skipped.append({"path": res.key, "reason": str(res.reason)})
+                else:
+                    writer.write({"image": res.data, "label": int(res.label), "key": res.key})
+                    label_counts[res.label] += 1
+                    formats[str(res.fmt)] += 1
+                    widths.append(res.width)
+                    heights.append(res.height)
+                    num_resized += int(res.resized)
+                bar.update(job, advance=1, skipped=len(skipped))
+                if on_result is not None:
+                    on_result(i + 1)
+        num_samples = sum(label_counts.values())
+        if num_samples == 0:
+            raise ValueError(f"{src_path}: none of the {len(tasks)} images decoded; first failure: "
+                             f"{skipped[0]['path']}: {skipped[0]['reason']}")
+        writer.finish()  # writes the last shard and index.json (uploads them when remote)
+        finished = True
+        manifest = _manifest(source, tasks, num_samples, label_counts, formats, widths, heights,
+                             skipped, num_resized, max_side, limit)
+        if remote:
+            _upload_manifest(manifest, out_str)
+        else:
+            assert final_dir is not None
+            _write_json(work_dir / MANIFEST_NAME, manifest)
+            _swap_into_place(work_dir, final_dir)
+    except BaseException:
+        if not finished:
+            writer.cancel_future_jobs()
+        if not remote and work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    finally:
+        if staging_root is not None:
+            shutil.rmtree(staging_root, ignore_errors=True)
+    return ConversionReport(out=out_str, manifest=manifest)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename tmp -> final; an existing final (overwrite) is moved aside first, then deleted."""
+    old = None
+    if final.exists():
+        old = final.with_name(f"{final.name}.old-{os.getpid()}")
+        final.rename(old)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if old is not None:
+            old.rename(final)  # put the previous complete output back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _upload_manifest(manifest: dict[str, Any], remote: str) -> None:
+    from streaming.base.storage.upload import CloudUploader
+
+    staging = Path(tempfile.mkdtemp(prefix="dvtrain-manifest-"))
+    try:
+        _write_json(staging / MANIFEST_NAME, manifest)
+        uploader = CloudUploader.get((str(staging), remote), keep_local=True, exist_ok=True)
+        uploader.upload_file(MANIFEST_NAME)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _size_stats(values: list[int]) -> dict[str, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return {"min": int(a.min()), "max": int(a.max()), "mean": round(float(a.mean()), 2),
+            "median": float(np.median(a))}
+
+
+def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
+              label_counts: Counter[int], formats: Counter[str], widths: list[int],
+              heights: list[int], skipped: list[dict[str, str]], num_resized: int,
+              max_side: int | None, limit: int | None) -> dict[str, Any]:
+    names = source.label_names
+    counts = {str(k): int(v) for k, v in sorted(label_counts.items())}
+    if names is not None:
+        for i in range(len(names)):
+            counts.setdefault(str(i), 0)
+        counts = dict(sorted(counts.items(), key=lambda kv: int(kv[0])))
+    return {
+        "format": MANIFEST_FORMAT,
+        "version": MANIFEST_VERSION,
+        "dvtrain_version": _dvtrain_version(),
+        "source": source.description,
+        "columns": dict(COLUMNS),
+        "num_samples": num_samples,
+        "num_source_entries": len(tasks) + len(source.pre_skipped),
+        "num_skipped": len(skipped),
+        "num_resized": num_resized,
+        "max_side": max_side,
+        "limit": limit,
+        "num_labels": len(names) if names is not None else len([k for k in counts if k != "-1"]),
+        "label_names": names,
+        "label_counts": counts,
+        "image_formats": dict(sorted(formats.items())),
+        "width": _size_stats(widths),
+        "height": _size_stats(heights),
+        "skipped": skipped,
+    }
+
+
+def _dvtrain_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dvtrain")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def read_manifest(out: str | os.PathLike) -> dict[str, Any]:
+    """Read ``manifest.json`` of a local converted dataset.
+
+    Args:
+        out: the local directory ``convert_to_mds`` wrote.
+
+    Returns:
+        The manifest dict (see ``convert_to_mds``).
+
+    Raises:
+        ValueError: no manifest (not converted by dvtrain, or the conversion did not finish).
+    """
+    path = Path(out) / MANIFEST_NAME
+    if not path.is_file():
+        raise ValueError(f"{path} not found: {out} is not a finished dvtrain conversion "
+                         f"(run `dvtrain data convert SRC {out}`)")
+    return json.loads(path.read_text())
+
+
+def iter_label_names(manifest: dict[str, Any]) -> Iterable[tuple[int, str]]:
+    """(label, display name) pairs of a manifest's label histogram, sorted by label."""
+    names = manifest.get("label_names")
+    for k in sorted(manifest["label_counts"], key=int):
+        i = int(k)
+        yield i, (names[i] if names is not None and 0 <= i < len(names) else str(i))
