@@ -43,7 +43,7 @@ def user_errors(fn: Callable) -> Callable:
             for problem in exc.problems:
                 err_console.print(f"[red]error:[/red] {problem}")
             raise typer.Exit(1) from None
-        except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
+        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
             err_console.print(f"[red]error:[/red] {exc}")
             raise typer.Exit(1) from None
 
@@ -128,17 +128,46 @@ def _mount_subcommands() -> None:
 _mount_subcommands()
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@user_errors
+def launch(
+    ctx: typer.Context,
+    recipe: Path = typer.Argument(..., help="Recipe YAML file."),
+    overrides: Optional[List[str]] = SetOption,
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/<name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Resume from the run directory's latest checkpoint."),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (deepspeed launcher when > 1)."),
+    hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="MPI-style hostfile for multi-node runs."),
+    worker: bool = typer.Option(False, "--worker", hidden=True, help="Run as one rank of a launched job."),
+) -> None:
+    """Train: validate, then run in place (one process) or start every rank through DeepSpeed's launcher.
+
+    Extra --dotted.path=value arguments (as a W&B sweep agent passes them) are recipe overrides.
+
+    Example: dvtrain launch recipes/vitg14.yaml --hostfile hosts --set data.path=s3://bucket/mds
+    """
+    from dvtrain.launch import launch as run_launch
+
+    result = run_launch(recipe, overrides or [], output_dir, resume, nproc, hostfile, worker, list(ctx.args))
+    if isinstance(result, int) and result != 0:
+        raise typer.Exit(result)
+
+
 @app.command()
 @user_errors
-def demo() -> None:
-    """The main job (README): for now, validate every shipped recipe.
+def demo(
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", "-o", help="Run directory (default runs/demo-<time>)."),
+    overrides: Optional[List[str]] = SetOption,
+    nproc: int = typer.Option(1, "--nproc", help="Ranks (2 = the 2-process variant)."),
+) -> None:
+    """The main job: train recipes/smoke_cpu.yaml on the bundled Fashion-MNIST images (DeepSpeed ZeRO-3, bf16),
+    then print the teacher's k-NN accuracy beside raw pixels and the randomly initialised network.
 
-    Example: dvtrain demo
+    Example: dvtrain demo --nproc 2
     """
-    from dvtrain.recipe import REPO_ROOT
+    from dvtrain.demo import run_demo
 
-    for path in sorted((REPO_ROOT / "recipes").glob("*.yaml")):
-        validate(path, [], 1)
+    run_demo(output_dir, overrides or [], nproc)
 
 
 def main() -> None:  # pragma: no cover - console entry point alias

@@ -114,8 +114,9 @@ def measure_cpu_peak_flops(precision: str, n: int = 1024, repeats: int = 3) -> f
     if precision in _measured:
         return _measured[precision]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[precision]
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
+    gen = torch.Generator().manual_seed(0)  # private: must not move the training RNG
+    a = torch.randn(n, n, generator=gen).to(dtype)
+    b = torch.randn(n, n, generator=gen).to(dtype)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

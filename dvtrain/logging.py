@@ -12,6 +12,7 @@ import json
 import math
 import netrc
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,7 @@ class RunLogger:
         import wandb
 
         id_file = self.run_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
         id_file.write_text(run_id)
         config = recipe.model_dump(mode="json")
         config.update(extra_config or {})
