@@ -1,0 +1,479 @@
+"""The DINOv2 training loop on top of :class:`dvtrain.train.engine.ShardedTeacherEngine`.
+
+``Trainer.train_step`` reads top to bottom: schedules of the current iteration -> for each
+micro-batch: teacher + student forward and backward through the engine -> engine step (per-module
+clipping, fp16 loss scaling) -> center update -> teacher EMA -> accounting (skips, non-finite
+steps, collapse) -> metrics. "Iteration" counts APPLIED optimizer updates; it indexes the
+schedules, so an fp16 overflow-skipped step repeats the same schedule values and does not move the
+teacher. Checkpoints are atomic directories (:mod:`dvtrain.train.checkpoint`).
+
+Follows ``dinov2/train/train.py::do_train`` (schedules, EMA after the step, periodic checkpoints)
+and ``dinov2/train/ssl_meta_arch.py`` (gradient clipping per student sub-module).
+
+The launcher (``dvtrain launch``: run directory, W&B, progress bar, signals) builds a Trainer from
+a Recipe and calls :meth:`Trainer.fit` or :meth:`Trainer.train_step`; :meth:`Trainer.request_stop`
+ends ``fit`` between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dvtrain import dist
+from dvtrain.recipe import Recipe, derive, dump_recipe, resolve_ds_config
+from dvtrain.train import checkpoint as ckpt
+from dvtrain.train.engine import EngineConfig, ShardedTeacherEngine, StepResult
+from dvtrain.train.param_groups import apply_schedule_to_param_groups
+from dvtrain.train.schedules import Schedules, build_schedules
+
+__all__ = ["Trainer", "TrainingDivergedError", "CollapseMonitor", "meta_arch_config_from_recipe", "IMAGE_KEYS"]
+
+log = logging.getLogger(__name__)
+
+#: Batch keys holding images; cast to the compute dtype before the forward.
+IMAGE_KEYS = ("collated_global_crops", "collated_local_crops")
+_META_FILE = "trainer_state.pt"
+_RANK_FILE = "rng_rank{rank:05d}.pt"
+_RECIPE_FILE = "recipe.yaml"
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training cannot continue: fp16 loss scale exhausted, too many skipped or non-finite steps."""
+
+
+class CollapseMonitor:
+    """Warn when the DINO loss sits at ln(K) (uniform teacher and student: collapse) for a while.
+
+    Args:
+        num_prototypes: K.
+        tolerance: |loss - ln K| below this counts as "at ln K" (1e-3).
+        patience: consecutive iterations at ln K before warning (warns once per episode).
+    """
+
+    def __init__(self, num_prototypes: int, tolerance: float = 1e-3, patience: int = 100) -> None:
+        self.target = math.log(num_prototypes)
+        self.tolerance = tolerance
+        self.patience = patience
+        self.count = 0
+        self.warned = False
+
+    def update(self, dino_loss: float) -> bool:
+        """Feed the iteration's DINO loss (mean cross-entropy over all crop pairs).
+
+        Returns:
+            True exactly when the warning fires.
+        """
+        if math.isfinite(dino_loss) and abs(dino_loss - self.target) < self.tolerance:
+            self.count += 1
+        else:
+            self.count, self.warned = 0, False
+        if self.count >= self.patience and not self.warned:
+            self.warned = True
+            msg = (f"DINO loss {dino_loss:.5f} has been within {self.tolerance} of ln(K) = {self.target:.5f} for "
+                   f"{self.count} iterations: teacher and student outputs look uniform (collapse). Check "
+                   "teacher temperature / centering, lr and the data")
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            log.warning(msg)
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters for checkpoints."""
+        return {"count": self.count, "warned": self.warned}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.count, self.warned = int(state["count"]), bool(state["warned"])
+
+
+def meta_arch_config_from_recipe(recipe: Recipe):
+    """Map a recipe onto :class:`dvtrain.train.meta_arch.MetaArchConfig`."""
+    from dvtrain.train.meta_arch import MetaArchConfig  # noqa: PLC0415
+
+    m, lo = recipe.model, recipe.loss
+    overrides: dict[str, Any] = dict(
+        img_size=recipe.crops.global_size, patch_size=m.patch_size, ffn_layer=m.ffn_layer,
+        drop_path_rate=m.drop_path_rate, layerscale_init=m.layerscale_init,
+        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
+        interpolate_antialias=m.interpolate_antialias, attn_impl=m.attn_impl,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+    for k in ("embed_dim", "depth", "num_heads"):
+        if getattr(m, k) is not None:
+            overrides[k] = getattr(m, k)
+    return MetaArchConfig(
+        arch=m.arch, backbone_overrides=overrides,
+        dino_head_n_prototypes=lo.num_prototypes, dino_head_hidden_dim=lo.head_hidden_dim,
+        dino_head_bottleneck_dim=lo.bottleneck_dim, dino_head_nlayers=lo.head_nlayers,
+        ibot_separate_head=lo.ibot_separate_head, ibot_head_n_prototypes=lo.ibot_num_prototypes,
+        ibot_head_hidden_dim=lo.ibot_hidden_dim, ibot_head_bottleneck_dim=lo.ibot_bottleneck_dim,
+        ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
+        ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
+        center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
+    )
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """DINOv2 trainer: a DeepSpeed (ZeRO) student/teacher engine, schedules, accounting, checkpoints.
+
+    Args:
+        recipe: validated :class:`dvtrain.recipe.Recipe`.
+        model: optional prebuilt module with the :class:`dvtrain.train.meta_arch.SSLMetaArch`
+            interface (``student``/``teacher``, ``forward(batch, teacher_temp) -> dict`` with
+            ``total``, ``param_groups(lr_decay_rate, patch_embed_lr_mult)``, ``apply_center_update()``);
+            default: ``SSLMetaArch`` built from the recipe with seed ``recipe.seed`` (identical on
+            every rank, which ZeRO-3 partitioning requires).
+
+    The process group is created (``dvtrain.dist.init_distributed``) if none exists. After
+    construction the training RNGs are seeded with ``recipe.seed + rank``.
+
+    Raises:
+        ValueError / RecipeError: invalid recipe combinations (see ``resolve_ds_config`` and
+            :class:`dvtrain.train.engine.ShardedTeacherEngine`).
+    """
+
+    def __init__(self, recipe: Recipe, model: nn.Module | None = None) -> None:
+        self.recipe = recipe
+        self.dist = dist.init_distributed()
+        self.derived = derive(recipe, self.dist.world_size)
+        _seed_all(recipe.seed)  # same model initialisation on every rank
+        if model is None:
+            from dvtrain.train.meta_arch import SSLMetaArch  # noqa: PLC0415
+
+            model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
+        d, o, t = self.derived, recipe.optim, recipe.teacher
+        ipe = recipe.schedule.iterations_per_epoch
+        self.schedules: Schedules = build_schedules(
+            lr=d.lr, min_lr=o.min_lr, epochs=recipe.schedule.epochs, warmup_epochs=o.warmup_epochs,
+            weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+            momentum_teacher=t.momentum_start, final_momentum_teacher=t.momentum_end,
+            teacher_temp=t.temp, warmup_teacher_temp=t.temp_warmup_start,
+            warmup_teacher_temp_epochs=t.temp_warmup_epochs, freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+            epoch_length=ipe,
+        )
+        groups = model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult)
+        for g in groups:
+            g.pop("names", None)  # names are for logging; keep optimizer state small
+        self.engine = ShardedTeacherEngine(
+            model, groups, resolve_ds_config(recipe, self.dist.world_size),
+            EngineConfig(betas=tuple(o.betas), eps=o.eps, clip_grad=o.clip_grad, clip_mode=o.clip_mode,
+                         # No ZeRO-3 leaf modules: the backbone runs each block once per crop batch, and
+                         # DeepSpeed's leaf-module backward hook then reduces a gradient twice (assertion in
+                         # __reduce_and_partition_ipg_grads). Per-sub-module fetches are bucketed by the
+                         # prefetcher (stage3_prefetch_bucket_size) instead.
+                         leaf_module_classes=()),
+        )
+        self.model = self.engine.module
+        self.model.train()
+        self.device = next(iter(self.engine.teacher_params)).device
+        num_prototypes = getattr(getattr(model, "cfg", None), "dino_head_n_prototypes", recipe.loss.num_prototypes)
+        self.collapse = CollapseMonitor(num_prototypes)
+        self.iteration = 0  # applied optimizer updates == schedule index
+        self.consecutive_skips = 0
+        self.nonfinite_steps = 0
+        self._stop = False
+        _seed_all(recipe.seed + self.dist.rank)  # training randomness (drop path) differs per rank
+
+    # ------------------------------------------------------------------ the step
+    def train_step(self, batch: Mapping[str, Any] | list[Mapping[str, Any]]) -> dict[str, float]:
+        """One optimizer step over ``batch.grad_accum_steps`` micro-batches.
+
+        Args:
+            batch: one collated micro-batch (``dvtrain.data.collate.collate_multicrop`` output) when
+                ``grad_accum_steps == 1``, else a list of exactly ``grad_accum_steps`` of them.
+
+        Returns:
+            Rank-local metrics (floats): the loss terms averaged over micro-batches (``total``,
+            ``dino_local_crops_loss``, ...), ``lr``, ``wd``, ``momentum``, ``teacher_temp``,
+            ``last_layer_lr``, ``loss_scale``, ``grad_norm`` (nan when skipped), per-module
+            ``grad_norm/<module>`` (per_module clipping), ``step_applied`` (1/0),
+            ``skipped_steps``, ``iteration`` (applied updates after this step).
+
+        Raises:
+            ValueError: wrong number of micro-batches.
+            TrainingDivergedError: fp16 overflow at the minimum loss scale, more than
+                ``optim.max_consecutive_skipped_steps`` consecutive skips, or
+                ``optim.max_nonfinite_losses`` non-finite bf16/fp32 steps. Checkpoints on disk are
+                untouched (the last good one stays the latest).
+        """
+        micro_batches = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+        if len(micro_batches) != self.recipe.batch.grad_accum_steps:
+            raise ValueError(f"train_step got {len(micro_batches)} micro-batches; batch.grad_accum_steps="
+                             f"{self.recipe.batch.grad_accum_steps}")
+
+        # 1. schedules of the current iteration (applied updates so far)
+        sched = self.schedules.at(self.iteration)
+        apply_schedule_to_param_groups(self.engine.param_groups, sched["lr"], sched["wd"], sched["last_layer_lr"])
+
+        # 2. forward + backward per micro-batch; the engine steps at the accumulation boundary
+        loss_sums: dict[str, torch.Tensor] = {}
+        result: StepResult | None = None
+        for mb in micro_batches:
+            losses = self.engine.forward(self._to_device(mb), teacher_temp=sched["teacher_temp"])
+            self.engine.backward(losses["total"])
+            result = self.engine.step()
+            for k, v in losses.items():
+                if isinstance(v, torch.Tensor) and v.ndim == 0:  # scalar loss terms only
+                    loss_sums[k] = loss_sums.get(k, 0.0) + v.detach().float()
+        assert result is not None, "the last micro-batch must be an accumulation boundary"
+
+        # 3. centers: fold this step's teacher statistics (collective, every step, applied or not)
+        self.model.apply_center_update()
+
+        # 4. teacher EMA and iteration advance only for applied updates
+        if result.applied:
+            self.engine.update_teacher(sched["momentum"])
+            self.iteration += 1
+            self.consecutive_skips = 0
+        else:
+            self._account_skip(result)
+
+        # 5. metrics
+        n = len(micro_batches)
+        metrics = {k: float(v) / n for k, v in loss_sums.items()}
+        metrics.update({k: float(v) for k, v in sched.items()})
+        metrics.update(
+            loss_scale=result.loss_scale_after, grad_norm=result.grad_norm if result.grad_norm is not None else math.nan,
+            step_applied=float(result.applied), skipped_steps=float(self.engine.skipped_steps),
+            iteration=float(self.iteration),
+        )
+        metrics.update({f"grad_norm/{k}": v for k, v in result.module_grad_norms.items()})
+        if "dino_global_crops_loss" in metrics:
+            dino = metrics["dino_global_crops_loss"] + metrics.get("dino_local_crops_loss", 0.0)
+            self.collapse.update(dino)
+        return metrics
+
+    def _account_skip(self, result: StepResult) -> None:
+        """Count a skipped step; raise when the run cannot recover (all ranks agree: DeepSpeed's skip
+        decision is global)."""
+        o = self.recipe.optim
+        if self.engine.dtype == torch.float16:
+            self.consecutive_skips += 1
+            if result.loss_scale_before <= self.engine.min_loss_scale:
+                raise TrainingDivergedError(
+                    f"fp16 gradients overflowed at the minimum loss scale {self.engine.min_loss_scale:g} "
+                    f"(iteration {self.iteration}, {self.consecutive_skips} consecutive skipped steps): the loss "
+                    "or activations overflow fp16 even unscaled. Resume from the last checkpoint with "
+                    "precision=bf16, a lower optim.base_lr or stronger clipping"
+                )
+            if self.consecutive_skips >= o.max_consecutive_skipped_steps:
+                raise TrainingDivergedError(
+                    f"{self.consecutive_skips} consecutive fp16 steps overflowed (optim.max_consecutive_skipped_steps"
+                    f"={o.max_consecutive_skipped_steps}; loss scale now {result.loss_scale_after:g}, iteration "
+                    f"{self.iteration}). Resume from the last checkpoint with precision=bf16 or a lower lr"
+                )
+            log.info("fp16 overflow: step skipped, loss scale %g -> %g", result.loss_scale_before,
+                     result.loss_scale_after)
+        else:
+            self.nonfinite_steps += 1
+            log.warning("non-finite gradients (%s): step skipped (%d of at most %d)", self.engine.dtype,
+                        self.nonfinite_steps, o.max_nonfinite_losses)
+            if self.nonfinite_steps >= o.max_nonfinite_losses:
+                raise TrainingDivergedError(
+                    f"{self.nonfinite_steps} steps had a non-finite loss or gradient in {self.recipe.precision} "
+                    f"(optim.max_nonfinite_losses={o.max_nonfinite_losses}; iteration {self.iteration}). The "
+                    "last good checkpoint is kept; resume from it with a lower lr or check the data"
+                )
+
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                v = v.to(self.device, non_blocking=True)
+                if k in IMAGE_KEYS:
+                    v = v.to(self.engine.dtype)
+            out[k] = v
+        return out
+
+    # ------------------------------------------------------------------ loop
+    def request_stop(self) -> None:
+        """Ask :meth:`fit` to return after the current step (e.g. from a signal handler)."""
+        self._stop = True
+
+    @property
+    def total_iterations(self) -> int:
+        """Planned applied optimizer steps of the run."""
+        return self.derived.total_iterations
+
+    def fit(
+        self,
+        data: Iterable[Mapping[str, Any]],
+        on_step: Callable[[dict[str, float]], None] | None = None,
+        checkpoint_dir: str | Path | None = None,
+        extra_state: Callable[[], dict[str, Any]] | None = None,
+        max_iterations: int | None = None,
+    ) -> str:
+        """Train until ``max_iterations`` (default: the recipe's length), the data ends, or a stop request.
+
+        Every ``checkpoint.every`` applied iterations and at the end a checkpoint is saved under
+        ``checkpoint_dir`` (when given), with ``extra_state()`` (e.g. the data-loader position).
+
+        Args:
+            data: iterator of collated micro-batches (``grad_accum_steps`` are consumed per step).
+            on_step: called with each step's metrics (after accounting, before checkpointing).
+            checkpoint_dir: checkpoint root; None = no checkpoints.
+            extra_state: returns picklable state saved with every checkpoint.
+            max_iterations: stop when ``iteration`` reaches this.
+
+        Returns:
+            ``"done"``, ``"data_exhausted"`` or ``"stopped"``.
+        """
+        target = self.total_iterations if max_iterations is None else max_iterations
+        it: Iterator = iter(data)
+        gas = self.recipe.batch.grad_accum_steps
+        every = self.recipe.checkpoint.every
+        reason = "done"
+        last_saved = self.iteration
+        while self.iteration < target:
+            if self._stop:
+                reason = "stopped"
+                break
+            try:
+                mbs = [next(it) for _ in range(gas)]
+            except StopIteration:
+                reason = "data_exhausted"
+                break
+            metrics = self.train_step(mbs if gas > 1 else mbs[0])
+            if on_step is not None:
+                on_step(metrics)
+            if checkpoint_dir is not None and metrics["step_applied"] and self.iteration % every == 0:
+                self.save_checkpoint(checkpoint_dir, extra_state() if extra_state else None)
+                last_saved = self.iteration
+        if checkpoint_dir is not None and self.iteration != last_saved:
+            self.save_checkpoint(checkpoint_dir, extra_state() if extra_state else None)
+        return reason
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, root: str | Path, extra_state: Mapping[str, Any] | None = None) -> Path:
+        """Atomically write ``<root>/iter_<iteration>`` and keep the last ``checkpoint.keep_last``.
+
+        Collective: every rank calls it. Contents: the engine (DeepSpeed checkpoint + teacher fp32 shards),
+        ``trainer_state.pt`` (rank 0: iteration, counters, world size, global batch, collapse monitor,
+        module buffers such as the DINO/iBOT centers, ``extra_state``), ``rng_rank<r>.pt`` (each rank's
+        python/numpy/torch/CUDA RNG states) and ``recipe.yaml`` (the resolved recipe).
+
+        Args:
+            root: checkpoint root (shared by all ranks).
+            extra_state: picklable launcher state (data-loader position, ...), returned by
+                :meth:`load_checkpoint`.
+
+        Returns:
+            Path of the checkpoint directory.
+        """
+        root = Path(root)
+        is_main = self.dist.rank == 0
+        with ckpt.atomic_checkpoint_dir(root, self.iteration, is_main=is_main, barrier=dist.barrier,
+                                        all_ok=self._all_ok) as tmp:
+            self.engine.save(tmp)
+            torch.save(ckpt.capture_rng_state(), tmp / _RANK_FILE.format(rank=self.dist.rank))
+            if is_main:
+                state = {
+                    "iteration": self.iteration, "consecutive_skips": self.consecutive_skips,
+                    "nonfinite_steps": self.nonfinite_steps, "world_size": self.dist.world_size,
+                    "global_batch": self.derived.global_batch, "lr": self.derived.lr,
+                    "collapse": self.collapse.state_dict(),
+                    "buffers": self._persistent_buffers(),
+                    "extra_state": dict(extra_state or {}),
+                }
+                torch.save(state, tmp / _META_FILE)
+                (tmp / _RECIPE_FILE).write_text(dump_recipe(self.recipe))
+        final = root / ckpt.checkpoint_name(self.iteration)
+        if is_main:
+            ckpt.prune_checkpoints(root, self.recipe.checkpoint.keep_last)
+        dist.barrier()
+        return final
+
+    def _persistent_buffers(self) -> dict[str, torch.Tensor]:
+        """Persistent buffers (DINO/iBOT centers, ...) as CPU copies; no ``state_dict()`` call, which
+        would touch ZeRO-3 parameters on one rank only."""
+        out = {}
+        for mod_name, mod in self.model.named_modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None and name not in mod._non_persistent_buffers_set:
+                    out[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
+        return out
+
+    def _all_ok(self, ok: bool) -> bool:
+        if self.dist.world_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (collective, before the first step).
+
+        Args:
+            path: a checkpoint directory, or a root (its latest complete checkpoint is used).
+
+        Returns:
+            The ``extra_state`` saved with it.
+
+        Raises:
+            ValueError: no checkpoint at ``path``; it was written by a different number of ranks
+                (both counts named: resharding is not supported); incomplete files.
+        """
+        path = Path(path)
+        if ckpt.checkpoint_iteration(path) is None or not (path / ckpt.COMPLETE_MARKER).is_file():
+            latest = ckpt.find_latest_checkpoint(path)
+            if latest is None:
+                raise ValueError(f"{path}: no complete checkpoint (iter_NNNNNNNN with {ckpt.COMPLETE_MARKER})")
+            path = latest
+        meta_file = path / _META_FILE
+        if not meta_file.is_file():
+            raise ValueError(f"{path}: missing {_META_FILE}")
+        state = torch.load(meta_file, map_location="cpu", weights_only=False)
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(
+                f"{path} was written by {state['world_size']} rank(s) but this run has {self.dist.world_size}: "
+                f"resuming on a different number of processes is not supported (ZeRO shards are per rank). "
+                f"Relaunch with {state['world_size']} processes"
+            )
+        if state["global_batch"] != self.derived.global_batch:
+            msg = (f"global batch changed on resume: {state['global_batch']} -> {self.derived.global_batch} images; "
+                   f"peak lr ({self.recipe.optim.lr_scaling} scaling) changes {state['lr']:.6g} -> "
+                   f"{self.derived.lr:.6g} from iteration {state['iteration']} on")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
+        self.engine.load(path)
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for k, v in state["buffers"].items():
+                if k in buffers:
+                    buffers[k].copy_(v.to(buffers[k].device, buffers[k].dtype))
+        self.iteration = int(state["iteration"])
+        self.consecutive_skips = int(state["consecutive_skips"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.collapse.load_state_dict(state["collapse"])
+        rng_file = path / _RANK_FILE.format(rank=self.dist.rank)
+        ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
+        dist.barrier()
+        return dict(state["extra_state"])
+
+    # ------------------------------------------------------------------ export
+    def export_teacher_backbone(self) -> dict[str, torch.Tensor]:
+        """The teacher backbone as a full-shape fp32 CPU state dict (``blocks.N.*`` keys), on EVERY rank.
+
+        Collective: every rank must call it (ZeRO-3 shards are all-gathered).
+        """
+        return self.engine.gather_fp32_state_dict("teacher", "backbone.")
+
+    def export_student_backbone(self) -> dict[str, torch.Tensor]:
+        """The student backbone (optimizer fp32 masters) like :meth:`export_teacher_backbone`."""
+        return self.engine.gather_fp32_state_dict("student", "backbone.")
