@@ -1,21 +1,21 @@
 """The ``dvtrain`` command line (Typer). Thin: parse arguments, call the library, print results.
 
-Every command turns a user error (:class:`dvtrain.recipe.RecipeError`, ``ValueError``,
-``FileNotFoundError``) into one clear message on stderr and exit status 1, without a traceback.
+Every command turns a user error into one clear message on stderr and exit status 1, without a
+traceback (:mod:`dvtrain.errors`).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from dvtrain.recipe import RecipeError, derive, dump_recipe, load_recipe, resolve_ds_config
+from dvtrain.errors import user_errors
+from dvtrain.recipe import derive, dump_recipe, load_recipe, resolve_ds_config
 
 app = typer.Typer(
     name="dvtrain",
@@ -24,30 +24,11 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 out_console = Console(highlight=False, soft_wrap=True)
 
 SetOption = typer.Option(
     None, "--set", "-s", help="Override a recipe value: dotted.path=value (YAML), e.g. optim.base_lr=2e-4. Repeatable."
 )
-
-
-def user_errors(fn: Callable) -> Callable:
-    """Decorator: print user errors as one message each and exit 1 (no traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except RecipeError as exc:
-            for problem in exc.problems:
-                err_console.print(f"[red]error:[/red] {problem}")
-            raise typer.Exit(1) from None
-        except (ValueError, FileNotFoundError, NotADirectoryError) as exc:
-            err_console.print(f"[red]error:[/red] {exc}")
-            raise typer.Exit(1) from None
-
-    return wrapper
 
 
 @app.command()

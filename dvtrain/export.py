@@ -44,7 +44,8 @@ from dvtrain.checkpoint_io import (
     load_backbone,
     resampling_mode,
 )
-from dvtrain.eval.commands import CHECKPOINT_HELP, run_user_command
+from dvtrain.errors import run_user_command
+from dvtrain.eval.commands import CHECKPOINT_HELP
 from dvtrain.models.convert import to_hf_state_dict
 from dvtrain.models.vit import DinoVisionTransformer
 

@@ -230,11 +230,14 @@ def deepspeed_command(
     return ds + worker_command(recipe_path, overrides, run_dir, resume)
 
 
+_RANK_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launcher_env(nproc: int) -> dict[str, str]:
     """Environment of the launched ranks: CPU accelerator without CUDA; torch threads x ranks <= cores."""
     import torch
 
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}  # the launcher sets these per rank
     if not torch.cuda.is_available():
         env.setdefault("DS_ACCELERATOR", "cpu")
     cores = os.cpu_count() or 1
@@ -460,6 +463,10 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool) -> dict:
     from dvtrain.logging import RunLogger, TrainProgress
     from dvtrain.train.trainer import Trainer
 
+    import warnings
+
+    # torch 2.14 deprecates the collective names DeepSpeed 0.19 calls every step; keep the log readable.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     stop = StopRequest().install()
     t_start = time.time()
     trainer = Trainer(recipe)

@@ -178,7 +178,7 @@ class OptimConfig(_Section):
     eps: float = Field(1e-8, gt=0.0, description="AdamW epsilon.")
     clip_grad: float = Field(3.0, ge=0.0, description="Gradient-norm clip; 0 disables.")
     clip_mode: Literal["per_module", "global"] = Field(
-        "global",
+        "per_module",
         description="per_module = reference (backbone, DINO head, iBOT head each clipped); global = one norm.",
     )
     freeze_last_layer_epochs: float = Field(1, ge=0.0, description="Heads' last layer has lr 0 this long; epochs.")
@@ -337,6 +337,14 @@ class Recipe(BaseModel):
             )
         if self.zero.offload != "none" and self.zero.stage == 0:
             problems.append(f"zero.offload={self.zero.offload} needs zero.stage >= 1")
+        o, z = self.optim, self.zero
+        if o.clip_mode == "per_module" and o.clip_grad > 0:
+            supported = (z.stage == 3 or (z.stage == 0 and self.precision == "fp32")) and z.offload == "none"
+            if not supported:
+                problems.append(
+                    f"optim.clip_mode=per_module needs zero.stage=3 without offload (or stage 0 in fp32), got "
+                    f"stage {z.stage}, offload {z.offload}, {self.precision}: use optim.clip_mode=global"
+                )
         width = self.model.embed_dim or _ARCH_WIDTH_HEADS[self.model.arch][0]
         heads = self.model.num_heads or _ARCH_WIDTH_HEADS[self.model.arch][1]
         if width % heads:

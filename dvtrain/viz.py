@@ -30,7 +30,8 @@ import typer
 from PIL import Image
 from torch import Tensor
 
-from dvtrain.eval.commands import CHECKPOINT_HELP, run_user_command
+from dvtrain.errors import run_user_command
+from dvtrain.eval.commands import CHECKPOINT_HELP
 from dvtrain.eval.features import IMAGENET_MEAN, IMAGENET_STD, open_image
 from dvtrain.models.vit import DinoVisionTransformer
 

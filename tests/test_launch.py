@@ -60,7 +60,8 @@ def launch_cmd(run_dir: Path, overrides: list[str], *args: str) -> list[str]:
 def env(**extra: str) -> dict[str, str]:
     e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="offline", WANDB_SILENT="true",
              PYTHONWARNINGS="ignore")
-    e.pop("WANDB_API_KEY", None)
+    for key in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(key, None)  # earlier in-process tests leave their process-group variables behind
     e.update(extra)
     return e
 

@@ -179,8 +179,8 @@ EXPECTED = {
     ("vitl14", 1): (32, 2e-4 * math.sqrt(32 / 1024), 625000),
     ("vitg14", 8): (96, 2e-4 * math.sqrt(96 / 1024), 625000),
     ("vitg14", 1): (12, 2e-4 * math.sqrt(12 / 1024), 625000),
-    ("smoke_cpu", 1): (64, 0.004 * 0.25, 500),
-    ("smoke_cpu", 2): (128, 0.004 * math.sqrt(128 / 1024), 500),
+    ("smoke_cpu", 1): (64, 0.008 * 0.25, 450),
+    ("smoke_cpu", 2): (128, 0.008 * math.sqrt(128 / 1024), 450),
 }
 
 
@@ -223,16 +223,24 @@ def test_ds_config_filled_from_recipe():
 
 
 def test_ds_config_bf16_and_stage2():
-    r = load_recipe(REPO / "recipes" / "vits14.yaml", ["precision=bf16", "zero.stage=2", "optim.clip_mode=per_module"])
+    r = load_recipe(REPO / "recipes" / "vits14.yaml", ["precision=bf16", "zero.stage=2", "optim.clip_mode=global"])
     cfg = resolve_ds_config(r, 1)
     assert cfg["bf16"]["enabled"] is True and cfg["fp16"] == {"enabled": False}
     assert cfg["zero_optimization"]["stage"] == 2
     assert not any(k.startswith("stage3_") for k in cfg["zero_optimization"])
-    assert cfg["gradient_clipping"] == 0.0  # per-module clipping is done by dvtrain, not DeepSpeed
+    assert cfg["gradient_clipping"] == 3.0
+    per_module = load_recipe(REPO / "recipes" / "vits14.yaml", ["precision=bf16"])
+    assert resolve_ds_config(per_module, 1)["gradient_clipping"] == 0.0  # dvtrain clips per module
+
+
+def test_per_module_clipping_needs_zero3():
+    with pytest.raises(RecipeError, match="optim.clip_mode=per_module needs zero.stage=3 .* use optim.clip_mode=global"):
+        recipe_from_dict({"zero": {"stage": 2}})
+    assert recipe_from_dict({"zero": {"stage": 2}, "optim": {"clip_mode": "global"}}).zero.stage == 2
 
 
 def test_ds_config_offload():
-    r = load_recipe(REPO / "recipes" / "vits14.yaml", ["zero.offload=cpu"])
+    r = load_recipe(REPO / "recipes" / "vits14.yaml", ["zero.offload=cpu", "optim.clip_mode=global"])
     cfg = resolve_ds_config(r, 1)
     assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
     assert cfg["zero_optimization"]["offload_param"]["device"] == "cpu"
@@ -250,5 +258,5 @@ def test_ds_template_must_not_duplicate_recipe_values(tmp_path):
 
 def test_shipped_ds_templates_are_valid():
     for tmpl in sorted((REPO / "ds_configs").glob("*.json")):
-        r = recipe_from_dict({"zero": {"config": str(tmpl)}})
+        r = recipe_from_dict({"zero": {"config": str(tmpl)}, "optim": {"clip_mode": "global"}})
         assert resolve_ds_config(r, 2)["train_batch_size"] == 128

@@ -1,7 +1,8 @@
 """``dvtrain data`` commands: ``convert`` (images -> MDS shards) and ``inspect`` (stats + PNG).
 
 Thin layer: parse options, call ``dvtrain.data.shards.convert_to_mds`` /
-``dvtrain.data.inspect``, print a summary. User errors exit with code 2 and a one-line message.
+``dvtrain.data.inspect``, print a summary. User errors exit with code 1 and a one-line message
+(:mod:`dvtrain.errors`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from dvtrain.errors import user_errors
+
 __all__ = ["app"]
 
 app = typer.Typer(help="Prepare and inspect training data (MDS shards for mosaicml-streaming).",
                   no_args_is_help=True, add_completion=False)
 console = Console(soft_wrap=True)  # paths and skip reasons stay on one line
-
-
-def _fail(err: Exception) -> None:
-    console.print(f"[red]error:[/red] {err}")
-    raise typer.Exit(code=2)
 
 
 def _parse_label_names(value: Optional[str]) -> Optional[list[str]]:
@@ -35,6 +33,7 @@ def _parse_label_names(value: Optional[str]) -> Optional[list[str]]:
 
 
 @app.command()
+@user_errors
 def convert(
     src: Path = typer.Argument(..., help="Image folder (SRC/<class>/...), a path list (.txt/.csv: "
                                "'path [label]' per line), IDX (*-idx3-ubyte[.gz]) or .npy/.npz."),
@@ -57,14 +56,10 @@ def convert(
     """Convert images to MDS shards + manifest.json; undecodable files are skipped and listed."""
     from dvtrain.data.shards import convert_to_mds
 
-    try:
-        report = convert_to_mds(src, out, labels=labels, labels_file=labels_file,
-                                label_names=_parse_label_names(label_names), max_side=max_side,
-                                workers=workers, limit=limit, size_limit=shard_size,
-                                overwrite=overwrite, progress=progress)
-    except ValueError as e:
-        _fail(e)
-        return
+    report = convert_to_mds(src, out, labels=labels, labels_file=labels_file,
+                            label_names=_parse_label_names(label_names), max_side=max_side,
+                            workers=workers, limit=limit, size_limit=shard_size,
+                            overwrite=overwrite, progress=progress)
     m = report.manifest
     console.print(f"wrote {m['num_samples']} samples to {report.out} "
                   f"({m['num_labels']} labels, formats {m['image_formats']}, "
@@ -78,6 +73,7 @@ def convert(
 
 
 @app.command()
+@user_errors
 def inspect(
     out: Path = typer.Argument(..., help="Local MDS dataset directory."),
     png: Optional[Path] = typer.Option(None, help="Write a contact sheet PNG here."),
@@ -93,11 +89,7 @@ def inspect(
     from dvtrain.data.inspect import contact_sheet, dataset_stats
     from dvtrain.data.shards import iter_label_names
 
-    try:
-        stats = dataset_stats(out, scan=scan)
-    except ValueError as e:
-        _fail(e)
-        return
+    stats = dataset_stats(out, scan=scan)
     console.print(f"{out}: {stats['num_samples']} samples in {stats['num_shards']} shard(s)"
                   + (f", {stats['num_skipped']} skipped at conversion"
                      if stats["num_skipped"] is not None else ""))
@@ -113,12 +105,8 @@ def inspect(
         table.add_row(str(label), name, str(count), f"{100.0 * count / total:.1f}%")
     console.print(table)
     if png is not None:
-        try:
-            sheet = contact_sheet(out, png, num_samples=samples, num_augmented=augmented,
-                                  global_size=global_size, local_size=local_size,
-                                  num_local_crops=local_crops, seed=seed)
-        except ValueError as e:
-            _fail(e)
-            return
+        sheet = contact_sheet(out, png, num_samples=samples, num_augmented=augmented,
+                              global_size=global_size, local_size=local_size,
+                              num_local_crops=local_crops, seed=seed)
         console.print(f"contact sheet {sheet['png']} ({sheet['size'][0]}x{sheet['size'][1]} px, "
                       f"samples {sheet['indices']})")

@@ -17,6 +17,8 @@ from typing import Any, Callable, List, Optional
 
 import typer
 
+from dvtrain.errors import run_user_command
+
 app = typer.Typer(
     name="eval",
     help="Evaluate a backbone: k-NN and linear probes (DINOv2 protocols).",
@@ -24,16 +26,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-
-
-def run_user_command(fn: Callable[[], Any]) -> Any:
-    """Run a command body; a user error (`ValueError`, `FileNotFoundError`) becomes one message on
-    stderr and exit status 1, without a traceback (same contract as `dvtrain.cli.user_errors`)."""
-    try:
-        return fn()
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _setup_device(device: Optional[str]):

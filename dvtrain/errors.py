@@ -1,0 +1,45 @@
+"""User-facing error handling shared by every CLI command.
+
+A user error (a bad recipe, file, field, sample or option) is one message on stderr and exit status 1,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from dvtrain.recipe import RecipeError
+
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+#: Exceptions that carry a message meant for the user.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def report(exc: BaseException) -> None:
+    """Print a user error: each problem of a :class:`RecipeError` on its own line."""
+    for problem in exc.problems if isinstance(exc, RecipeError) else [str(exc)]:
+        err_console.print(f"[red]error:[/red] {problem}", markup=True)
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Decorator for command functions: user errors -> message + exit 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except USER_ERRORS as exc:
+            report(exc)
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def run_user_command(fn: Callable[[], Any]) -> Any:
+    """Run a command body under :func:`user_errors`."""
+    return user_errors(fn)()
