@@ -94,6 +94,7 @@ def run_demo(output_dir: Path | None = None, overrides: list[str] = (), nproc: i
     print(f"  dvtrain teacher ({result['iterations']} iterations, {result['wall_time_s'] / 60:.1f} min): {teacher:6.2f} %")
     print(f"  raw pixels:                           {base['raw_pixels']:6.2f} %")
     print(f"  randomly initialised network:         {base['random_init']:6.2f} %")
-    print(f"  training throughput: {result['images_per_s']:.1f} images/s; run directory {run_dir}")
+    print(f"  training: {result['images_per_s']:.1f} images/s over {result['train_time_s']:.0f} s "
+          f"({result['wall_time_s']:.0f} s with start-up and evaluation); run directory {run_dir}")
     sys.stdout.flush()
     return report

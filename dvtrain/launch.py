@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,12 +161,8 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world_size: int) -> b
     Raises:
         RecipeError / ValueError: with a one-line reason.
     """
-    resolve_ds_config(recipe, world_size)
+    resolve_ds_config(recipe, world_size)  # the per-rank batch >= 2 rule is part of recipe validation
     check_data_location(recipe.data.path)
-    if recipe.loss.koleo_weight > 0 and recipe.batch.micro_batch_per_device < 2:
-        raise ValueError(
-            f"batch.micro_batch_per_device={recipe.batch.micro_batch_per_device}: KoLeo needs >= 2 images per rank"
-        )
     return check_output_dir(run_dir, recipe, resume)
 
 
@@ -463,8 +460,6 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool) -> dict:
     from dvtrain.logging import RunLogger, TrainProgress
     from dvtrain.train.trainer import Trainer
 
-    import warnings
-
     # torch 2.14 deprecates the collective names DeepSpeed 0.19 calls every step; keep the log readable.
     warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     stop = StopRequest().install()
@@ -533,11 +528,13 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool) -> dict:
                 first_batch.update(b)
             yield b
 
+    t_fit = time.time()
     try:
         reason = trainer.fit(batches_with_first(), on_step=on_step, checkpoint_dir=ckpt_root,
                              extra_state=lambda: {"data": loader.state_dict()})
     finally:
         progress.close()
+    fit_s = time.time() - t_fit
     teacher_sd = trainer.export_teacher_backbone()
     export_path = run_dir / "export" / "teacher_backbone.pth"
     knn = None
@@ -557,7 +554,8 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool) -> dict:
         "images_seen": trainer.iteration * d.global_batch,
         "world_size": info.world_size,
         "wall_time_s": wall,
-        "images_per_s": (trainer.iteration - start_iteration) * d.global_batch / max(wall, 1e-9),
+        "train_time_s": fit_s,
+        "images_per_s": (trainer.iteration - start_iteration) * d.global_batch / max(fit_s, 1e-9),
         "final_losses": {k: v for k, v in last.items() if k.endswith("_loss") or k == "total"},
         "skipped_steps": int(last.get("skipped_steps", 0)),
         "bad_samples": int(getattr(loader, "num_bad_samples", 0)),

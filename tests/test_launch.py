@@ -108,7 +108,9 @@ def test_launch_writes_run_directory_and_offline_wandb(shards, tmp_path):
 
 @pytest.mark.slow
 def test_interrupted_launch_resumes_to_the_same_weights(shards, tmp_path):
-    ovs = tiny_overrides(shards, "checkpoint.every=1", "eval.train_path=null", "eval.val_path=null")
+    total = 24  # long enough that SIGTERM lands mid-run on an idle machine
+    ovs = tiny_overrides(shards, f"schedule.iterations_per_epoch={total}", "checkpoint.every=2",
+                         "eval.train_path=null", "eval.val_path=null")
     straight = tmp_path / "straight"
     assert run(launch_cmd(straight, ovs)).returncode == 0
 
@@ -117,21 +119,22 @@ def test_interrupted_launch_resumes_to_the_same_weights(shards, tmp_path):
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while time.time() < deadline and not (interrupted / "checkpoints" / "iter_00000002" / "COMPLETE").exists():
-        time.sleep(0.2)
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads((interrupted / "summary.json").read_text())
-    assert summary["status"] == "stopped" and 2 <= summary["iterations"] < 6
+    assert summary["status"] == "stopped" and 2 <= summary["iterations"] < total
     stopped_at = summary["iterations"]
+    assert (interrupted / "checkpoints" / f"iter_{stopped_at:08d}" / "COMPLETE").is_file()
 
     res = run(launch_cmd(interrupted, ovs, "--resume"))
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((interrupted / "summary.json").read_text())
-    assert summary["status"] == "done" and summary["iterations"] == 6
+    assert summary["status"] == "done" and summary["iterations"] == total
     # the resumed run logs the iterations after the stop, and reproduces the straight run
     its = [r["iteration"] for r in metrics(interrupted) if "total" in r]
-    assert its == list(range(1, stopped_at + 1)) + list(range(stopped_at + 1, 7))
+    assert its == list(range(1, total + 1))
     straight_losses = {r["iteration"]: r["total"] for r in metrics(straight) if "total" in r}
     resumed_losses = {r["iteration"]: r["total"] for r in metrics(interrupted) if "total" in r}
     assert resumed_losses == pytest.approx(straight_losses, rel=1e-5, abs=1e-6)

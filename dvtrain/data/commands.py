@@ -53,7 +53,10 @@ def convert(
     overwrite: bool = typer.Option(False, help="Replace an existing local OUT (after success)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ) -> None:
-    """Convert images to MDS shards + manifest.json; undecodable files are skipped and listed."""
+    """Convert images to MDS shards + manifest.json; undecodable files are skipped and listed.
+
+    Example: dvtrain data convert data/fashion_mnist/train-images-idx3-ubyte.gz data/mds/fmnist_train
+    """
     from dvtrain.data.shards import convert_to_mds
 
     report = convert_to_mds(src, out, labels=labels, labels_file=labels_file,
@@ -85,7 +88,10 @@ def inspect(
     seed: int = typer.Option(0, help="Picks the samples and seeds the crops."),
     scan: bool = typer.Option(False, help="Recompute stats from the shards, not the manifest."),
 ) -> None:
-    """Print sample count, label histogram and image sizes; optionally write a contact sheet."""
+    """Print sample count, label histogram and image sizes; optionally write a contact sheet.
+
+    Example: dvtrain data inspect data/mds/fmnist_train --png sheet.png --global-size 28 --local-size 14
+    """
     from dvtrain.data.inspect import contact_sheet, dataset_stats
     from dvtrain.data.shards import iter_label_names
 
