@@ -145,7 +145,7 @@ class TrainProgress:
         self.enabled = rank == 0
         if not self.enabled:
             return
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, log_path=False)
         self.progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
