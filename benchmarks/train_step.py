@@ -100,23 +100,15 @@ def build_variant(args, variant: str):
 
         import numpy as np
 
-        from dvtrain.train.param_groups import apply_schedule_to_param_groups
-        from dvtrain.train.trainer import meta_arch_config_from_recipe
-
-        from dvtrain.recipe import derive
         from dvtrain.train.meta_arch import SSLMetaArch
-        from dvtrain.train.schedules import build_schedules
+        from dvtrain.train.param_groups import apply_schedule_to_param_groups
+        from dvtrain.train.trainer import meta_arch_config_from_recipe, schedules_from_recipe
 
         random.seed(0), np.random.seed(0), torch.manual_seed(0)
         model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-        d, o, t = derive(recipe, 1), recipe.optim, recipe.teacher
-        sched = build_schedules(
-            lr=d.lr, min_lr=o.min_lr, epochs=recipe.schedule.epochs, warmup_epochs=o.warmup_epochs,
-            weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end, momentum_teacher=t.momentum_start,
-            final_momentum_teacher=t.momentum_end, teacher_temp=t.temp, warmup_teacher_temp=t.temp_warmup_start,
-            warmup_teacher_temp_epochs=t.temp_warmup_epochs, freeze_last_layer_epochs=o.freeze_last_layer_epochs,
-            epoch_length=recipe.schedule.iterations_per_epoch)
+        o = recipe.optim
+        sched = schedules_from_recipe(recipe, 1)
         opt = torch.optim.AdamW(model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0,
                                 betas=o.betas, eps=o.eps, weight_decay=0.0)
         model.train()

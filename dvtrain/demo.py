@@ -36,7 +36,7 @@ def ensure_fashion_mnist_shards(train_out: Path, test_out: Path) -> None:
 
 def baselines(recipe, bank_size: int) -> dict[str, float]:
     """k-NN top-1 (%) of raw pixels and of the randomly initialised backbone, same protocol as the teacher."""
-    from dvtrain.checkpoint_io import backbone_from_recipe, backbone_template
+    from dvtrain.checkpoint_io import backbone_from_recipe
     from dvtrain.data.fashion_mnist import load_fashion_mnist
     from dvtrain.eval.features import make_eval_loader
     from dvtrain.eval.knn import knn_eval_backbone, knn_eval_features

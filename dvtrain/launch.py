@@ -26,7 +26,6 @@ from dvtrain.recipe import (
     RECIPE_PATHS,
     Recipe,
     RecipeError,
-    derive,
     dump_recipe,
     load_recipe,
     resolve_ds_config,

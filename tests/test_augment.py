@@ -306,7 +306,7 @@ def test_matches_the_torchvision_uint8_pipeline_up_to_quantisation():
     # ours brighter on average.
     aug = MultiCropAugmentation(global_size=48, local_size=24, num_local_crops=4)
     image = _photo()
-    diffs_plain, diffs_jitter, n_plain, n_jitter = [], [], 0, 0
+    diffs_jitter, n_plain, n_jitter = [], 0, 0
     for seed in range(12):
         torch.manual_seed(seed)
         out, traces = aug.forward_with_trace(image)

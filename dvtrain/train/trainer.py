@@ -36,7 +36,7 @@ from dvtrain.train.engine import EngineConfig, ShardedTeacherEngine, StepResult
 from dvtrain.train.param_groups import apply_schedule_to_param_groups
 from dvtrain.train.schedules import Schedules, build_schedules
 
-__all__ = ["Trainer", "TrainingDivergedError", "CollapseMonitor", "meta_arch_config_from_recipe", "IMAGE_KEYS"]
+__all__ = ["Trainer", "TrainingDivergedError", "CollapseMonitor", "meta_arch_config_from_recipe", "schedules_from_recipe", "IMAGE_KEYS"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,20 @@ def meta_arch_config_from_recipe(recipe: Recipe):
     )
 
 
+def schedules_from_recipe(recipe: Recipe, world_size: int = 1) -> Schedules:
+    """The per-iteration schedules (lr, wd, teacher momentum and temperature, last-layer lr) of a recipe,
+    with the lr scaled for ``world_size`` ranks (``dinov2/train/train.py`` build_schedulers)."""
+    d, o, t = derive(recipe, world_size), recipe.optim, recipe.teacher
+    return build_schedules(
+        lr=d.lr, min_lr=o.min_lr, epochs=recipe.schedule.epochs, warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
+        momentum_teacher=t.momentum_start, final_momentum_teacher=t.momentum_end,
+        teacher_temp=t.temp, warmup_teacher_temp=t.temp_warmup_start,
+        warmup_teacher_temp_epochs=t.temp_warmup_epochs, freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        epoch_length=recipe.schedule.iterations_per_epoch,
+    )
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -157,16 +171,8 @@ class Trainer:
             from dvtrain.train.meta_arch import SSLMetaArch  # noqa: PLC0415
 
             model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
-        d, o, t = self.derived, recipe.optim, recipe.teacher
-        ipe = recipe.schedule.iterations_per_epoch
-        self.schedules: Schedules = build_schedules(
-            lr=d.lr, min_lr=o.min_lr, epochs=recipe.schedule.epochs, warmup_epochs=o.warmup_epochs,
-            weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-            momentum_teacher=t.momentum_start, final_momentum_teacher=t.momentum_end,
-            teacher_temp=t.temp, warmup_teacher_temp=t.temp_warmup_start,
-            warmup_teacher_temp_epochs=t.temp_warmup_epochs, freeze_last_layer_epochs=o.freeze_last_layer_epochs,
-            epoch_length=ipe,
-        )
+        o = recipe.optim
+        self.schedules: Schedules = schedules_from_recipe(recipe, self.dist.world_size)
         groups = model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult)
         for g in groups:
             g.pop("names", None)  # names are for logging; keep optimizer state small
