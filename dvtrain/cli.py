@@ -100,7 +100,7 @@ def _mount_subcommands() -> None:
     from dvtrain.export import export_command
     from dvtrain.viz import viz_app
 
-    app.add_typer(data_app, name="data", help="Convert image folders to MDS shards; inspect shards.")
+    app.add_typer(data_app, name="data", help="Convert image folders to MDS shards; inspect and curate them.")
     app.add_typer(eval_app, name="eval", help="Evaluate a backbone: k-NN and linear probes.")
     app.add_typer(viz_app, name="viz", help="PCA feature maps and attention maps of a backbone.")
     app.command("export")(export_command)

@@ -1,4 +1,5 @@
-"""``dvtrain data`` commands: ``convert`` (images -> MDS shards) and ``inspect`` (stats + PNG).
+"""``dvtrain data`` commands: ``convert`` (images -> MDS shards), ``inspect`` (stats + PNG) and
+``curate`` (the curation pipeline, :mod:`dvtrain.data.curate`).
 
 Thin layer: parse options, call ``dvtrain.data.shards.convert_to_mds`` /
 ``dvtrain.data.inspect``, print a summary. User errors exit with code 1 and a one-line message
@@ -116,3 +117,86 @@ def inspect(
                               num_local_crops=local_crops, seed=seed)
         console.print(f"contact sheet {sheet['png']} ({sheet['size'][0]}x{sheet['size'][1]} px, "
                       f"samples {sheet['indices']})")
+
+
+def _parse_clusters(value: str) -> Optional[list[int]]:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        return [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--clusters must be 'auto' or comma-separated integers, finest level "
+                         f"first (e.g. 1000,30); got {value!r}") from None
+
+
+@app.command()
+@user_errors
+def curate(
+    src: Path = typer.Argument(..., help="Image pool: a folder, a path list (.txt/.csv), IDX, "
+                               ".npy/.npz, or a local MDS directory."),
+    out: str = typer.Argument(..., help="Output MDS directory or object-store URL."),
+    target_size: Optional[int] = typer.Option(None, help="Images to keep, balanced over "
+                                              "hierarchical k-means clusters (Vo et al. 2024). "
+                                              "Default: keep all that pass."),
+    model: str = typer.Option("pixels", help="Embedding backbone: a run directory, training "
+                              "checkpoint, `dvtrain export` output, HF directory or dinov2 hub "
+                              "file; 'pixels' = 16x16 grayscale raw-pixel baseline."),
+    image_size: int = typer.Option(224, help="Backbone input crop (px)."),
+    against: Optional[Path] = typer.Option(None, help="Evaluation set (same kinds as SRC): pool "
+                                           "images that duplicate one of its images are removed."),
+    seed_set: Optional[Path] = typer.Option(None, help="Curated seed images: keep the "
+                                            "--retrieve-k nearest pool images of each (DINOv2 "
+                                            "retrieval); with --target-size, added to the sample."),
+    retrieve_k: int = typer.Option(4, help="Pool images retrieved per seed image."),
+    min_side: int = typer.Option(64, help="Reject images whose shorter side is below this (px)."),
+    max_aspect: float = typer.Option(4.0, help="Reject images with longer/shorter side above this."),
+    min_sharpness: float = typer.Option(20.0, help="Reject images whose variance of the Laplacian "
+                                        "(grayscale 0..255) is below this (blurred)."),
+    min_std: float = typer.Option(4.0, help="Reject near-constant images (grayscale std 0..255)."),
+    phash_radius: int = typer.Option(4, help="Near duplicates: perceptual hashes within this many "
+                                     "bits of 64 (negative: off)."),
+    phash_cos: float = typer.Option(0.95, help="Near duplicates: embedding cosine that confirms a "
+                                    "perceptual-hash match (> 1: no confirmation)."),
+    near_cos: float = typer.Option(0.995, help="Near duplicates: embedding cosine similarity at or "
+                                   "above this, hash or not (> 1: off). For a trained backbone "
+                                   "lower it (about 0.95)."),
+    clusters: str = typer.Option("auto", help="Clusters per k-means level, finest first "
+                                 "(e.g. 1000,30); auto = sqrt(N), N^(1/4)."),
+    resampling_steps: int = typer.Option(3, help="Resampling refits per k-means level."),
+    kmeans_iters: int = typer.Option(20, help="Faiss k-means iterations per fit."),
+    seed: int = typer.Option(0, help="Seed of k-means and sampling."),
+    workers: int = typer.Option(1, help="Decoding processes."),
+    batch_size: int = typer.Option(64, help="Embedding batch size."),
+    work_dir: Optional[Path] = typer.Option(None, help="Stage results for resuming (default "
+                                            "OUT.curate-work)."),
+    shard_size: str = typer.Option("64mb", help="Maximum shard size."),
+    overwrite: bool = typer.Option(False, help="Replace an existing local OUT (after success)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Curate an image pool: quality filters, exact and near deduplication (also against an
+    evaluation set), embedding, balanced sampling and retrieval, then MDS shards +
+    curation_report.json + curation_report.png. Interrupted runs resume after the last finished stage.
+
+    Example: dvtrain data curate /data/crawl /data/mds/curated --target-size 1000000 --model runs/vits14 --against /data/mds/val --workers 8
+    """
+    from dvtrain.data.curate import CurateOptions, curate as run_curate
+
+    opts = CurateOptions(
+        min_side=min_side, max_aspect=max_aspect, min_sharpness=min_sharpness, min_std=min_std,
+        phash_radius=phash_radius, near_cos=None if near_cos > 1 else near_cos,
+        phash_cos=None if phash_cos > 1 else phash_cos,
+        against=str(against) if against else None, model=model, image_size=image_size,
+        batch_size=batch_size, target_size=target_size, clusters=_parse_clusters(clusters),
+        resampling_steps=resampling_steps, kmeans_iters=kmeans_iters, seed=seed,
+        seed_set=str(seed_set) if seed_set else None, retrieve_k=retrieve_k, workers=workers,
+        shard_size=shard_size, work_dir=str(work_dir) if work_dir else None, overwrite=overwrite,
+        progress=progress)
+    res = run_curate(src, out, opts, on_stage=lambda s: console.print(f"[bold]stage {s}[/bold]"))
+    c = res.report["counts"]
+    if res.resumed:
+        console.print(f"resumed: {', '.join(res.resumed)} (finished in {res.report['work_dir']})")
+    console.print(f"source {c['source']} -> quality {c['after_quality']} -> exact "
+                  f"{c['after_exact']} -> near {c['after_near']} -> sampled {c['after_sampling']}"
+                  + (f" (+ retrieved {c['retrieved']})" if c["retrieved"] is not None else ""))
+    console.print(f"wrote {c['selected']} samples to {res.out} (curation_report.json, "
+                  f"curation_report.png)")

@@ -1,0 +1,153 @@
+"""Stage 4 (embed): one L2-normalised embedding per image, fp16, in a memory-mapped file.
+
+Embedders (``--model``):
+- a backbone dvtrain can load (a run directory, a training checkpoint, a ``dvtrain export``
+  output, a Hugging Face directory, a facebookresearch/dinov2 hub file): the final block's
+  normalised CLS token (``x_norm_clstoken``) of the classification eval transform
+  (:func:`dvtrain.eval.features.eval_transform`, ``--image-size``), L2-normalised; this is how the
+  DINOv2 paper (section 3) embeds its pool for retrieval and deduplication;
+- ``pixels``: the raw-pixel baseline, a 16 x 16 grayscale thumbnail (box filter), mean
+  removed, L2-normalised (256 dims). No model needed; useful for tests and as a baseline.
+
+This module is the one place curation imports checkpoint loading from (``load_backbone`` and
+``detect_checkpoint_format``), so it can follow the checkpoint package when that moves.
+
+Shape legend: N images, D embedding width, B batch.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dvtrain.checkpoint_io import detect_checkpoint_format, load_backbone
+from dvtrain.data.curate.pool import open_payload
+
+__all__ = ["Embedder", "PIXELS", "check_model", "make_embedder", "write_embeddings"]
+
+PIXELS = "pixels"
+PIXEL_SIDE = 16
+
+
+def check_model(model: str) -> None:
+    """Fail fast on a ``--model`` that cannot load (before any image is decoded).
+
+    Raises:
+        ValueError: the path does not exist or is not a checkpoint kind dvtrain reads.
+    """
+    if model == PIXELS:
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ValueError(f"--model {model} does not exist; give a run directory, a checkpoint, a "
+                         f"`dvtrain export` output, a Hugging Face directory, or 'pixels'")
+    try:
+        detect_checkpoint_format(path)
+    except ValueError as e:
+        raise ValueError(f"--model {model} cannot be loaded: {e}") from None
+
+
+def _pixel_vector(im: Image.Image) -> np.ndarray:
+    g = im.convert("L").resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX)
+    v = np.asarray(g, dtype=np.float32).reshape(-1)
+    v = v - v.mean()
+    return v / max(float(np.linalg.norm(v)), 1e-6)
+
+
+class Embedder:
+    """Turns decoded images into L2-normalised embeddings.
+
+    Args:
+        model: ``"pixels"`` or a checkpoint path (see module docstring).
+        image_size: crop side (px) of the eval transform for a backbone.
+        device: torch device for a backbone.
+
+    Attributes:
+        dim: D, the embedding width.
+        name: what embedded (recorded in the report).
+
+    Raises:
+        ValueError: the checkpoint cannot be loaded.
+    """
+
+    def __init__(self, model: str, image_size: int = 224, device: str = "cpu") -> None:
+        self.model_name = model
+        self.image_size = image_size
+        self.device = torch.device(device)
+        if model == PIXELS:
+            self.backbone = None
+            self.dim = PIXEL_SIDE * PIXEL_SIDE
+            self.name = f"pixels ({PIXEL_SIDE}x{PIXEL_SIDE} grayscale)"
+        else:
+            check_model(model)
+            try:
+                loaded = load_backbone(model, device=device)
+            except ValueError as e:
+                raise ValueError(f"--model {model} cannot be loaded: {e}") from None
+            self.backbone = loaded.model.eval()
+            self.dim = int(self.backbone.embed_dim)
+            self.name = f"{loaded.source_format} backbone {model} (CLS, {image_size} px)"
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Embed decoded images.
+
+        Args:
+            images: B PIL images, any mode and size.
+
+        Returns:
+            [B, D] fp32, unit L2 norm per row.
+        """
+        if self.backbone is None:
+            return np.stack([_pixel_vector(im) for im in images]) if images else \
+                np.zeros((0, self.dim), np.float32)
+        from dvtrain.eval.features import eval_transform, extract_features
+
+        x = torch.stack([eval_transform(im, self.image_size) for im in images])
+        feats = extract_features(self.backbone, [(x, torch.zeros(len(images), dtype=torch.int64))],
+                                 device=self.device, gather=False)
+        e = torch.nn.functional.normalize(feats.cls_ND.float(), dim=1)
+        return e.numpy()
+
+
+def make_embedder(model: str, image_size: int = 224, device: str | None = None) -> Embedder:
+    """An :class:`Embedder` on CUDA when available (unless ``device`` is given)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Embedder(model, image_size, device)
+
+
+def write_embeddings(embedder: Embedder, payloads: Sequence[Any], path: str | os.PathLike,
+                     batch_size: int = 64,
+                     on_batch: Callable[[int], None] | None = None) -> np.memmap:
+    """Embed every payload into an fp16 memmap ``path`` ([N, D], C order), batch by batch.
+
+    An image that fails to decode here (it decoded in the quality stage) gets a zero row.
+
+    Returns:
+        The memmap, opened read-only.
+    """
+    n = len(payloads)
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, embedder.dim))
+    for start in range(0, n, batch_size):
+        ims = []
+        bad = []
+        for j, p in enumerate(payloads[start:start + batch_size]):
+            try:
+                ims.append(open_payload(p)[0])
+            except Exception:  # noqa: BLE001 - changed on disk since the quality stage
+                ims.append(Image.new("L", (8, 8)))
+                bad.append(j)
+        e = embedder.embed_images(ims)
+        e[bad] = 0.0
+        out[start:start + len(ims)] = e.astype(np.float16)
+        if on_batch:
+            on_batch(start + len(ims))
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")

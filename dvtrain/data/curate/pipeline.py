@@ -1,0 +1,558 @@
+"""``dvtrain data curate``: the driver that runs the curation stages and writes the result.
+
+Stages, in order (each resumable; see below):
+
+1. ``quality``  decode every image once (``--workers`` processes), measure it, reject the broken,
+   tiny, extreme-aspect, near-constant and blurred ones (:mod:`.quality`);
+2. ``exact``    identical file bytes or decoded pixels (:mod:`.dedup`);
+3. ``embed``    one fp16 embedding per remaining image into a memmap (:mod:`.embed`);
+4. ``near``     perceptual-hash and embedding near duplicates, and duplicates of ``--against``
+   (:mod:`.dedup`); runs after ``embed`` because it needs the embeddings;
+5. ``cluster``  hierarchical k-means with resampling and balanced sampling to ``--target-size``
+   (:mod:`.cluster`);
+6. ``retrieve`` the k nearest pool images of each ``--seed-set`` image;
+7. ``write``    MDS shards with the columns ``dvtrain data convert`` writes (``image`` bytes as
+   found, ``label``, ``key``) + ``manifest.json`` + ``curation_report.json`` + ``curation_report.png``
+   (:mod:`.report`).
+
+Resume: intermediate results live in a work directory (``--work-dir``, default ``OUT.curate-work``
+beside a local OUT). ``state.json`` there records each finished stage with a fingerprint of the
+options that stage and the stages before it depend on; a rerun skips every stage whose fingerprint
+still matches and recomputes from the first that changed (or never finished). The work directory
+is kept after success (a rerun with a different ``--target-size`` only redoes clustering and
+writing); delete it when done. OUT itself is written to ``OUT.tmp-<pid>`` and renamed at the end,
+so an existing OUT is never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from dvtrain.data import shards
+from dvtrain.data.curate import cluster as cl
+from dvtrain.data.curate import dedup
+from dvtrain.data.curate.embed import check_model, make_embedder, write_embeddings
+from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool
+from dvtrain.data.curate.quality import QualityThresholds, quality_reason, scan_images
+
+__all__ = ["CurateOptions", "CurateResult", "curate", "STAGES"]
+
+STAGES = ("quality", "exact", "embed", "near", "cluster", "retrieve", "write")
+REPORT_JSON = "curation_report.json"
+REPORT_PNG = "curation_report.png"
+STATE_VERSION = 1
+
+
+@dataclass
+class CurateOptions:
+    """Options of a curation run (the CLI's flags; units in the field names or comments).
+
+    ``near_cos`` None disables the embedding near-duplicate test; ``phash_radius`` < 0 disables
+    the perceptual-hash one. ``clusters`` None = :func:`cluster.auto_cluster_counts`.
+    """
+
+    min_side: int = 64  # px
+    max_aspect: float = 4.0
+    min_sharpness: float = 20.0  # variance of the Laplacian, 0..255 grayscale
+    min_std: float = 4.0  # grayscale std, 0..255
+    phash_radius: int = 4  # bits of 64
+    phash_cos: float | None = 0.95  # embedding cosine that confirms a hash match
+    near_cos: float | None = 0.995  # embedding cosine alone
+    against: str | None = None
+    model: str = "pixels"
+    image_size: int = 224  # px, backbone eval crop
+    batch_size: int = 64
+    target_size: int | None = None
+    clusters: list[int] | None = None
+    resampling_steps: int = 3
+    kmeans_iters: int = 20
+    seed: int = 0
+    seed_set: str | None = None
+    retrieve_k: int = 4
+    nprobe: int = 16
+    workers: int = 1
+    shard_size: str = "64mb"
+    work_dir: str | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+
+@dataclass
+class CurateResult:
+    """What a curation wrote: ``out``, the report dict, and the stages that were skipped (resumed)."""
+
+    out: str
+    report: dict[str, Any]
+    resumed: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------------------
+# Work directory and state
+
+
+class _Work:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.mkdir(parents=True, exist_ok=True)
+        self.state_path = path / "state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
+        if self.state.get("version") != STATE_VERSION:
+            self.state = {"version": STATE_VERSION, "stages": {}}
+
+    def done(self, stage: str, fp: str) -> bool:
+        s = self.state["stages"].get(stage)
+        return bool(s and s["fingerprint"] == fp and (self.path / f"{stage}.json").is_file())
+
+    def finish(self, stage: str, fp: str, result: dict[str, Any], seconds: float) -> None:
+        result = dict(result, seconds=round(seconds, 3))
+        _atomic_write(self.path / f"{stage}.json", json.dumps(result))
+        self.state["stages"][stage] = {"fingerprint": fp, "seconds": round(seconds, 3)}
+        # later stages depend on this one: forget them
+        for later in STAGES[STAGES.index(stage) + 1:]:
+            self.state["stages"].pop(later, None)
+        _atomic_write(self.state_path, json.dumps(self.state, indent=1))
+
+    def load(self, stage: str) -> dict[str, Any]:
+        return json.loads((self.path / f"{stage}.json").read_text())
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _fingerprint(prev: str, stage: str, values: dict[str, Any]) -> str:
+    blob = json.dumps({"prev": prev, "stage": stage, **values}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _bar(enabled: bool):
+    return shards._progress_bar(enabled)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks before any expensive start-up
+
+
+def _check_options(src: str, out: str, o: CurateOptions) -> None:
+    if o.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {o.workers}")
+    if o.min_side < 1 or o.max_aspect < 1 or o.min_sharpness < 0 or o.min_std < 0:
+        raise ValueError("quality thresholds: --min-side >= 1, --max-aspect >= 1, --min-sharpness "
+                         ">= 0 and --min-std >= 0 are required")
+    if o.phash_radius > 32:
+        raise ValueError(f"--phash-radius {o.phash_radius} bits of 64 would match unrelated images; "
+                         f"use 0..32 (negative disables)")
+    for name, v in (("--near-cos", o.near_cos), ("--phash-cos", o.phash_cos)):
+        if v is not None and not -1.0 < v <= 1.0:
+            raise ValueError(f"{name} must be in (-1, 1] (above 1: off), got {v}")
+    if o.target_size is not None and o.target_size < 1:
+        raise ValueError(f"--target-size must be >= 1, got {o.target_size}")
+    if o.clusters is not None and (not o.clusters or any(k < 1 for k in o.clusters)
+                                   or any(a < b for a, b in zip(o.clusters, o.clusters[1:]))):
+        raise ValueError(f"--clusters must be positive counts per level, finest first and "
+                         f"non-increasing (e.g. 1000,30), got {o.clusters}")
+    if o.retrieve_k < 1:
+        raise ValueError(f"--retrieve-k must be >= 1, got {o.retrieve_k}")
+    if o.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {o.batch_size}")
+    check_model(o.model)
+    final = None if shards.is_remote(out) else Path(out).expanduser().absolute()
+    if final is not None and final.exists() and not o.overwrite:
+        raise ValueError(f"output {final} already exists; pass --overwrite to replace it")
+    if Path(src).expanduser().absolute() == final:
+        raise ValueError("OUT must differ from SRC")
+
+
+def _default_work_dir(out: str) -> Path:
+    if shards.is_remote(out):
+        name = out.rstrip("/").rsplit("/", 1)[-1] or "out"
+        return Path.cwd() / f"{name}.curate-work"
+    p = Path(out).expanduser().absolute()
+    return p.with_name(p.name + ".curate-work")
+
+
+# ----------------------------------------------------------------------------------------------
+# The driver
+
+
+def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOptions | None = None,
+           on_stage: Callable[[str], None] | None = None) -> CurateResult:
+    """Curate an image pool into MDS shards (see the module docstring for the stages).
+
+    Args:
+        src: image folder, path list, IDX/.npy/.npz, or a local MDS directory.
+        out: output directory or object-store URL (as for ``dvtrain data convert``).
+        options: :class:`CurateOptions`.
+        on_stage: called with a stage's name just before it runs (not when it is resumed).
+
+    Returns:
+        CurateResult with the report written to ``OUT/curation_report.json``.
+
+    Raises:
+        ValueError: bad options, an unreadable source / evaluation / seed set, a model that cannot
+            load, ``--target-size`` above the images left, or nothing left to write. Stages that
+            finished stay in the work directory, so a corrected rerun resumes after them.
+    """
+    o = options or CurateOptions()
+    src, out = str(src), str(out)
+    t_start = time.time()
+    _check_options(src, out, o)
+    pool = list_pool(src)
+    against = list_pool(o.against, "--against") if o.against else None
+    seeds = list_pool(o.seed_set, "--seed-set") if o.seed_set else None
+    embedder = make_embedder(o.model, o.image_size)  # a model that cannot load fails here, first
+    work = _Work(Path(o.work_dir).expanduser() if o.work_dir else _default_work_dir(out))
+    n = len(pool)
+    resumed: list[str] = []
+    removed: list[dict[str, Any]] = [dict(r, stage="quality", duplicate_of=None)
+                                     for r in pool.pre_skipped]
+    timings: dict[str, float] = {}
+    fp = _fingerprint("", "pool", {"src": str(Path(src).expanduser().absolute()), "n": n,
+                                   "keys": hashlib.sha1("\n".join(pool.keys).encode()).hexdigest()})
+
+    def get_embedder():
+        return embedder
+
+    def run(stage: str, values: dict[str, Any], body: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        nonlocal fp
+        fp = _fingerprint(fp, stage, values)
+        if work.done(stage, fp):
+            resumed.append(stage)
+            res = work.load(stage)
+        else:
+            if on_stage:
+                on_stage(stage)
+            t0 = time.time()
+            res = body()
+            work.finish(stage, fp, res, time.time() - t0)
+            res = work.load(stage)
+        timings[stage] = res["seconds"]
+        removed.extend(res.get("removed", []))
+        return res
+
+    # 1. quality ------------------------------------------------------------------------------
+    thresholds = QualityThresholds(o.min_side, o.max_aspect, o.min_sharpness, o.min_std)
+
+    def quality() -> dict[str, Any]:
+        recs = []
+        with _bar(o.progress) as bar:
+            job = bar.add_task("quality", total=n, skipped=0)
+            bad = 0
+            for rec in scan_images([pool.payload(i) for i in range(n)], o.workers):
+                recs.append(rec)
+                bad += quality_reason(rec, thresholds) is not None
+                bar.update(job, advance=1, skipped=bad)
+        alive, rem, stats = [], [], []
+        for i, rec in enumerate(recs):
+            why = quality_reason(rec, thresholds)
+            if why is None:
+                alive.append(i)
+                stats.append(rec)
+            else:
+                rem.append({"path": pool.keys[i], "stage": "quality", "reason": why,
+                            "duplicate_of": None})
+        np.savez(work.path / "quality.npz", alive=np.asarray(alive, np.int64),
+                 width=np.asarray([r["width"] for r in stats], np.int64),
+                 height=np.asarray([r["height"] for r in stats], np.int64),
+                 sharpness=np.asarray([r["sharpness"] for r in stats], np.float64),
+                 file_hash=np.asarray([r["file_hash"] for r in stats], "U40"),
+                 pixel_hash=np.asarray([r["pixel_hash"] for r in stats], "U40"),
+                 phash=np.asarray([r["phash"] for r in stats], "U16"))
+        return {"removed": rem, "kept": len(alive)}
+
+    run("quality", asdict(thresholds), quality)
+    q = dict(np.load(work.path / "quality.npz"))
+    if len(q["alive"]) == 0:
+        raise ValueError(_empty_message(pool, removed, "quality"))
+
+    # 2. exact duplicates ------------------------------------------------------------------------
+    def exact() -> dict[str, Any]:
+        dups = dedup.exact_duplicates(q["file_hash"].tolist(), q["pixel_hash"].tolist())
+        gone = {i for i, _, _ in dups}
+        rem = [{"path": pool.keys[q["alive"][i]], "stage": "exact", "reason": why,
+                "duplicate_of": pool.keys[q["alive"][k]]} for i, k, why in dups]
+        keep = np.asarray([j for j in range(len(q["alive"])) if j not in gone], np.int64)
+        np.save(work.path / "exact_keep.npy", keep)  # positions into the quality arrays
+        return {"removed": rem, "kept": len(keep)}
+
+    run("exact", {}, exact)
+    keep_q = np.load(work.path / "exact_keep.npy")
+    alive = q["alive"][keep_q]
+
+    # 3. embed -----------------------------------------------------------------------------------
+    emb_path = work.path / "embeddings.npy"
+
+    def embed() -> dict[str, Any]:
+        e = get_embedder()
+        with _bar(o.progress) as bar:
+            job = bar.add_task("embed", total=len(alive), skipped=0)
+            write_embeddings(e, [pool.payload(int(i)) for i in alive], emb_path, o.batch_size,
+                             on_batch=lambda done: bar.update(job, completed=done))
+        return {"embedder": e.name, "dim": e.dim, "count": len(alive)}
+
+    emb_res = run("embed", {"model": o.model, "image_size": o.image_size,
+                            "model_mtime": _mtime(o.model)}, embed)
+    emb = np.load(emb_path, mmap_mode="r")
+
+    # 4. near duplicates (+ --against) -----------------------------------------------------------
+    def near() -> dict[str, Any]:
+        codes = dedup.phash_array(q["phash"][keep_q].tolist())
+        area = (q["width"] * q["height"])[keep_q].astype(np.float64)
+        sharp = q["sharpness"][keep_q]
+        rem: list[dict[str, Any]] = []
+        gone: set[int] = set()
+        with _bar(o.progress) as bar:
+            job = bar.add_task("near duplicates", total=2 if against else 1, skipped=0)
+            if against is not None:  # first, so that a pool copy of an eval image never stays
+                a_codes, a_emb = _describe(against, get_embedder(), o)
+                hits = dedup.against_duplicates(codes, emb, a_codes, a_emb, o.phash_radius,
+                                                o.near_cos, o.phash_cos, o.nprobe)
+                for i, (e_i, why) in sorted(hits.items()):
+                    gone.add(i)
+                    rem.append({"path": pool.keys[alive[i]], "stage": "against", "reason": why,
+                                "duplicate_of": f"{o.against}:{against.keys[e_i]}"})
+                bar.update(job, advance=1, skipped=len(gone))
+            rest = np.asarray([j for j in range(len(alive)) if j not in gone], np.int64)
+            dups = dedup.near_duplicates(codes[rest], emb[rest] if len(rest) < len(emb) else emb,
+                                         area[rest], sharp[rest], o.phash_radius, o.near_cos,
+                                         o.phash_cos, o.nprobe)
+            for i, k, why in dups:
+                gone.add(int(rest[i]))
+                rem.append({"path": pool.keys[alive[rest[i]]], "stage": "near", "reason": why,
+                            "duplicate_of": pool.keys[alive[rest[k]]]})
+            bar.update(job, advance=1, skipped=len(gone))
+        keep = np.asarray([j for j in range(len(alive)) if j not in gone], np.int64)
+        np.save(work.path / "near_keep.npy", keep)  # positions into the embedding rows
+        return {"removed": rem, "kept": len(keep)}
+
+    run("near", {"radius": o.phash_radius, "cos": o.near_cos, "verify": o.phash_cos, "against": _abs(o.against),
+                 "against_mtime": _mtime(o.against)}, near)
+    keep_e = np.load(work.path / "near_keep.npy")
+    if len(keep_e) == 0:
+        raise ValueError(_empty_message(pool, removed, "near"))
+
+    # 5. cluster + balanced sampling -------------------------------------------------------------
+    def cluster_stage() -> dict[str, Any]:
+        x = emb[keep_e] if len(keep_e) < len(emb) else emb
+        counts = o.clusters or cl.auto_cluster_counts(len(keep_e))
+        with _bar(o.progress) as bar:
+            job = bar.add_task("cluster + sample", total=2, skipped=0)
+            levels = cl.hierarchical_kmeans(x, counts, o.resampling_steps, niter=o.kmeans_iters,
+                                            seed=o.seed)
+            bar.update(job, advance=1)
+            chosen = cl.balanced_sample(levels, o.target_size, o.seed) if o.target_size \
+                else np.arange(len(keep_e))
+            bar.update(job, advance=1)
+        np.savez(work.path / "cluster.npz", chosen=chosen, **{f"level{t}": a for t, a in enumerate(levels)})
+        leaf = levels[0]
+        return {"cluster_counts": list(counts),
+                "leaf_sizes_before": np.bincount(leaf, minlength=counts[0]).tolist(),
+                "leaf_sizes_after": np.bincount(leaf[chosen], minlength=counts[0]).tolist()}
+
+    if o.target_size is not None and o.target_size > len(keep_e):
+        raise ValueError(f"--target-size {o.target_size} is larger than the {len(keep_e)} images "
+                         f"left after filtering and deduplication (of {n}); choose at most "
+                         f"{len(keep_e)}. Finished stages are kept in {work.path}: the rerun "
+                         f"resumes after them")
+    cl_res = run("cluster", {"target": o.target_size, "clusters": o.clusters,
+                             "steps": o.resampling_steps, "iters": o.kmeans_iters, "seed": o.seed},
+                 cluster_stage)
+    cz = np.load(work.path / "cluster.npz")
+    chosen_e = keep_e[cz["chosen"]]  # embedding rows
+
+    # 6. retrieve --------------------------------------------------------------------------------
+    def retrieve_stage() -> dict[str, Any]:
+        assert seeds is not None
+        with _bar(o.progress) as bar:
+            job = bar.add_task("retrieve", total=1, skipped=0)
+            _, s_emb = _describe(seeds, get_embedder(), o, need_codes=False)
+            ids = cl.retrieve(emb[keep_e], s_emb, o.retrieve_k, o.nprobe)
+            bar.update(job, advance=1)
+        got = np.unique(keep_e[ids.reshape(-1)])
+        np.save(work.path / "retrieved.npy", got)
+        return {"seeds": len(seeds), "retrieved": int(len(got))}
+
+    if seeds is not None:
+        rt_res = run("retrieve", {"seed_set": _abs(o.seed_set), "k": o.retrieve_k,
+                                  "mtime": _mtime(o.seed_set)}, retrieve_stage)
+        got = np.load(work.path / "retrieved.npy")
+        rows = np.union1d(got, chosen_e) if o.target_size else got
+    else:
+        rt_res = None
+        rows = chosen_e
+    if len(rows) == 0:
+        raise ValueError(_empty_message(pool, removed, "retrieve"))
+    selected = alive[np.sort(rows)]  # pool indices
+
+    # 7. write -----------------------------------------------------------------------------------
+    if on_stage:
+        on_stage("write")
+    t0 = time.time()
+    report = {
+        "format": "dvtrain-curation-report", "version": 1,
+        "source": src, "out": out, "work_dir": str(work.path),
+        "options": asdict(o),
+        "versions": _versions(),
+        "embedder": emb_res.get("embedder"),
+        "counts": {"source": n + len(pool.pre_skipped),
+                   "after_quality": int(len(q["alive"])), "after_exact": int(len(alive)),
+                   "after_near": int(len(keep_e)),
+                   "after_sampling": int(len(chosen_e)),
+                   "retrieved": rt_res["retrieved"] if rt_res else None,
+                   "selected": int(len(selected))},
+        "removed_per_stage": {s: sum(r["stage"] == s for r in removed)
+                              for s in ("quality", "exact", "near", "against")},
+        "clusters": {"counts_per_level": cl_res["cluster_counts"],
+                     "leaf_sizes_before": cl_res["leaf_sizes_before"],
+                     "leaf_sizes_after": cl_res["leaf_sizes_after"]},
+        "resumed_stages": resumed,
+        "removed": removed,
+        "selected_keys": [pool.keys[i] for i in selected.tolist()],
+    }
+    _write_output(pool, selected, out, o, report, emb, keep_e, cz, alive)
+    timings["write"] = round(time.time() - t0, 3)
+    report["timings_s"] = timings
+    report["total_s"] = round(time.time() - t_start, 3)
+    return CurateResult(out, report, resumed)
+
+
+def _describe(p: Pool, embedder, o: CurateOptions, need_codes: bool = True):
+    """(perceptual hashes [M, 8] uint8, embeddings [M, D] fp32) of an evaluation / seed set.
+
+    Raises:
+        ValueError: no image of the set decodes.
+    """
+    payloads = [p.payload(i) for i in range(len(p))]
+    codes = None
+    ok = list(range(len(p)))
+    if need_codes:
+        recs = list(scan_images(payloads, o.workers))
+        ok = [i for i, r in enumerate(recs) if r["ok"]]
+        codes = dedup.phash_array([recs[i]["phash"] for i in ok]) if ok else np.zeros((0, 8), np.uint8)
+    with tempfile.TemporaryDirectory(prefix="dvtrain-curate-") as tmp:
+        e = np.asarray(write_embeddings(embedder, [payloads[i] for i in ok], Path(tmp) / "e.npy",
+                                        o.batch_size), dtype=np.float32)
+    if len(ok) == 0 or not np.abs(e).sum(1).any():
+        raise ValueError(f"{p.src}: none of its {len(p)} images decodes")
+    return codes, e
+
+
+def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,
+                  report: dict[str, Any], emb, keep_e, cz, alive) -> None:
+    from streaming import MDSWriter
+
+    from dvtrain.data.curate.report import write_report_png
+
+    remote = shards.is_remote(out)
+    staging = Path(tempfile.mkdtemp(prefix="dvtrain-curate-out-")) if remote else None
+    if remote:
+        assert staging is not None
+        work_dir = staging / "shards"
+        writer_out: Any = (str(work_dir), out)
+    else:
+        final = Path(out).expanduser().absolute()
+        work_dir = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        if work_dir.exists():
+            shutil.rmtree(work_dir)
+        work_dir.parent.mkdir(parents=True, exist_ok=True)
+        writer_out = str(work_dir)
+    writer = MDSWriter(out=writer_out, columns=shards.COLUMNS, compression=None,
+                       size_limit=o.shard_size)
+    from collections import Counter
+
+    label_counts: Counter[int] = Counter()
+    formats: Counter[str] = Counter()
+    widths, heights = [], []
+    finished = False
+    try:
+        from PIL import Image
+        import io
+
+        with _bar(o.progress) as bar:
+            job = bar.add_task("write", total=len(selected), skipped=0)
+            for i in selected.tolist():
+                data = encoded_bytes(pool.payload(i))
+                with Image.open(io.BytesIO(data)) as im:
+                    formats[im.format or "UNKNOWN"] += 1
+                    widths.append(im.size[0])
+                    heights.append(im.size[1])
+                label = int(pool.labels[i])
+                writer.write({"image": data, "label": label, "key": pool.keys[i]})
+                label_counts[label] += 1
+                bar.update(job, advance=1)
+        writer.finish()
+        finished = True
+        source = shards._Source(pool.kind, {"kind": pool.kind, "path": pool.src,
+                                            "curated": True}, [], pool.label_names, [])
+        manifest = shards._manifest(source, [None] * len(selected), len(selected), label_counts,
+                                    formats, widths, heights, [], 0, None, None)
+        manifest["num_source_entries"] = report["counts"]["source"]
+        manifest["curation"] = {"report": REPORT_JSON, "counts": report["counts"]}
+        local = staging / "extra" if remote else work_dir
+        local.mkdir(parents=True, exist_ok=True)
+        shards._write_json(local / shards.MANIFEST_NAME, manifest)
+        _atomic_write(local / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
+        write_report_png(local / REPORT_PNG, pool, report, emb, keep_e, cz, alive, selected)
+        if remote:
+            from streaming.base.storage.upload import CloudUploader
+
+            up = CloudUploader.get((str(local), out), keep_local=True, exist_ok=True)
+            for name in (REPORT_JSON, REPORT_PNG, shards.MANIFEST_NAME):
+                up.upload_file(name)
+        else:
+            shards._swap_into_place(work_dir, Path(out).expanduser().absolute())
+    except BaseException:
+        if not finished:
+            writer.cancel_future_jobs()
+        if not remote and work_dir.exists():
+            shutil.rmtree(work_dir, ignore_errors=True)
+        raise
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _empty_message(pool: Pool, removed: list[dict[str, Any]], stage: str) -> str:
+    per = {s: sum(r["stage"] == s for r in removed) for s in ("quality", "exact", "near", "against")}
+    first = removed[0] if removed else None
+    hint = (f"; first removal: {first['path']}: {first['reason']}" if first else "")
+    return (f"no image of {pool.src} is left after the {stage} stage (of {len(pool)}: removed "
+            f"{per}){hint}. Loosen the thresholds (--min-side, --min-sharpness, --min-std, "
+            f"--phash-radius, --near-cos) or check the seed set")
+
+
+def _abs(p: str | None) -> str | None:
+    return None if p is None else str(Path(p).expanduser().absolute())
+
+
+def _mtime(p: str | None) -> float | None:
+    if p is None or p == "pixels":
+        return None
+    try:
+        return os.stat(Path(p).expanduser()).st_mtime
+    except OSError:
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import faiss
+    import imagehash
+    import PIL
+    import torch
+
+    return {"dvtrain": shards._dvtrain_version(), "faiss": faiss.__version__,
+            "imagehash": imagehash.__version__, "pillow": PIL.__version__, "numpy": np.__version__,
+            "torch": torch.__version__, "python": platform.python_version()}
