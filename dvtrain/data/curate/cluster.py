@@ -32,9 +32,9 @@ def auto_cluster_counts(n: int) -> list[int]:
 def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | None = None) -> np.ndarray:
     import faiss
 
-    # several restarts (best objective kept) where they are cheap: the upper levels cluster few
-    # centroids, and one bad local minimum there merges separate modes
-    nredo = 5 if len(x) * k <= 50_000_000 else 1
+    # several restarts (best objective kept) for a first fit on few points (the upper levels
+    # cluster centroids): one bad local minimum there merges separate modes
+    nredo = 5 if init is None and len(x) <= 20_000 else 1
     km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, nredo=nredo,
                       max_points_per_centroid=256, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(x, dtype=np.float32),
@@ -95,6 +95,8 @@ def hierarchical_kmeans(x_ND: np.ndarray, cluster_counts: Sequence[int], resampl
             chosen = np.sort(order[rank_in_cluster < r])
             if len(chosen) < k:
                 break
+            if len(chosen) > 256 * k:  # what Faiss would subsample to anyway; bounds memory
+                chosen = np.sort(np.random.default_rng(seed + step).choice(chosen, 256 * k, replace=False))
             centroids = _kmeans(np.asarray(data[chosen], np.float32), k, niter,
                                 seed + 1000 * (step + 1) + level, init=centroids)
         labels, _ = _assign(data, centroids)

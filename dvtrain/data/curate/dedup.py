@@ -8,7 +8,8 @@ Near (stage 3): two images are near duplicates when their 64-bit perceptual hash
 multi-index hashing ``IndexBinaryMultiHash`` above, exact for radius < 8) and the cosine
 similarity of their embeddings confirms it (>= ``verify_cos``), or when the cosine similarity of
 their embeddings alone reaches ``cos_threshold`` (Faiss inner-product range search on the
-L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, ``IndexIVFFlat`` above). The
+L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, above it an inverted file
+(``IndexIVFScalarQuantizer`` with fp16 codes, 2 sqrt(N) lists, ``nprobe`` visited per query)). The
 pairs form a graph; from each connected group one image stays (the largest, then the sharpest,
 then the first), the others are removed as ``duplicate_of`` it. ``--against``: a pool image
 within the same radius / threshold of any image of the evaluation set is removed.
@@ -111,11 +112,13 @@ def _float_index(emb: np.ndarray, nprobe: int):
     if len(emb) <= _FLAT_FLOAT_MAX:
         index = faiss.IndexFlatIP(d)
     else:
-        nlist = int(4 * np.sqrt(len(emb)))
+        nlist = int(2 * np.sqrt(len(emb)))
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        # vectors stored as fp16 (what the embedding memmap holds: no precision lost, half the RAM)
+        index = faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16,
+                                              faiss.METRIC_INNER_PRODUCT)
         rng = np.random.default_rng(0)
-        sample = emb[np.sort(rng.choice(len(emb), min(len(emb), 64 * nlist), replace=False))]
+        sample = emb[np.sort(rng.choice(len(emb), min(len(emb), 40 * nlist), replace=False))]
         index.train(np.ascontiguousarray(sample, dtype=np.float32))
         index.nprobe = nprobe
     for start in range(0, len(emb), 65536):

@@ -1,0 +1,103 @@
+"""Balanced sampling and retrieval on Fashion-MNIST with the embeddings available here.
+
+`python benchmarks/curate_balance.py [--model CHECKPOINT] [--seeds 3] [--out report.md]`
+
+1. Balancing: a 10:1 pool (T-shirt 600, Trouser 300, Sneaker 150, Bag 100, Ankle boot 60, the first
+   images of each class in the bundled train split), labels hidden; hierarchical k-means with
+   resampling at the default levels (sqrt N, N^(1/4)) and balanced sampling to 200, as
+   ``dvtrain data curate --target-size 200`` runs them; largest / smallest class count of the
+   sample, over several k-means/sampling seeds; uniform random sampling for comparison.
+2. Retrieval: for each class, 25 test-split images of that class as the seed set, the 4 nearest
+   of a 1,500-image pool (150 per class); share of the retrieved images of the seed class.
+
+Embedders: raw pixels (``--model pixels``), the randomly initialised main-job backbone
+(recipes/smoke_cpu.yaml's ViT: 192 wide, 6 blocks, patch 7, 4 registers, SwiGLU, LayerScale 1.0),
+and ``--model`` when given (e.g. the main job's ``runs/demo-*/export/teacher_backbone.pth``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dvtrain.data.curate import cluster as cl
+from dvtrain.data.curate.embed import Embedder
+from dvtrain.data.fashion_mnist import CLASSES, load_fashion_mnist
+
+IMBALANCE = {0: 600, 1: 300, 7: 150, 8: 100, 9: 60}
+
+
+def embed(e: Embedder, images: np.ndarray) -> np.ndarray:
+    out = [e.embed_images([Image.fromarray(a) for a in images[s:s + 256]]) for s in range(0, len(images), 256)]
+    return np.concatenate(out).astype(np.float16)
+
+
+def random_init_backbone(tmp: Path) -> str:
+    from dvtrain.checkpoint_io import LoadedBackbone, backbone_kwargs
+    from dvtrain.export import export_hub
+    from dvtrain.models.vit import DinoVisionTransformer
+
+    torch.manual_seed(0)
+    m = DinoVisionTransformer(img_size=28, patch_size=7, embed_dim=192, depth=6, num_heads=3, ffn_layer="swiglu",
+                              num_register_tokens=4, layerscale_init=1.0, interpolate_offset=0.0,
+                              interpolate_antialias=True).eval()
+    path = tmp / "random_init.pth"
+    export_hub(LoadedBackbone(m, backbone_kwargs(m), "random-init"), path)
+    return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    images, labels = load_fashion_mnist("train")
+    test_images, test_labels = load_fashion_mnist("test")
+    idx = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in IMBALANCE.items()])
+    ridx = np.concatenate([np.flatnonzero(labels == c)[:150] for c in range(10)])
+    lines = ["# balanced sampling and retrieval on Fashion-MNIST", "",
+             f"load: `{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}`", "",
+             "| embedding | class counts of the 200-image sample (T-shirt, Trouser, Sneaker, Bag, Ankle boot) per seed | largest / smallest per seed | retrieval: share of the seed class, per class 0..9 | mean |",
+             "|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    rnd = [np.bincount(labels[idx][rng.choice(len(idx), 200, replace=False)], minlength=10)[list(IMBALANCE)] for _ in range(args.seeds)]
+    lines.append(f"| uniform random sampling (no embedding) | {' / '.join(str(r.tolist()) for r in rnd)} | "
+                 f"{', '.join(f'{r.max() / max(r.min(), 1):.2f}' for r in rnd)} | - | - |")
+    with tempfile.TemporaryDirectory() as tmp:
+        models = [("raw pixels (16x16)", "pixels", 224), ("random-init main-job ViT", random_init_backbone(Path(tmp)), 28)]
+        if args.model:
+            models.append((f"`{args.model}`", args.model, 28))
+        for name, model, size in models:
+            e = Embedder(model, image_size=size)
+            x = embed(e, images[idx])
+            y = labels[idx]
+            counts, ratios = [], []
+            for seed in range(args.seeds):
+                levels = cl.hierarchical_kmeans(x, cl.auto_cluster_counts(len(x)), resampling_steps=3, seed=seed)
+                pc = np.bincount(y[cl.balanced_sample(levels, 200, seed=seed)], minlength=10)[list(IMBALANCE)]
+                counts.append(pc.tolist())
+                ratios.append(pc.max() / max(pc.min(), 1))
+            pool = embed(e, images[ridx])
+            shares = []
+            for c in range(10):
+                seeds = embed(e, test_images[test_labels == c][:25])
+                got = np.unique(cl.retrieve(pool, seeds, 4).reshape(-1))
+                shares.append(float((labels[ridx][got] == c).mean()))
+            lines.append(f"| {name} | {' / '.join(map(str, counts))} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                         f"{' '.join(f'{100 * s:.0f}%' for s in shares)} | {100 * np.mean(shares):.1f}% |")
+    lines += ["", f"classes: {', '.join(f'{i} {n}' for i, n in enumerate(CLASSES))}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
