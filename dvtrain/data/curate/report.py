@@ -53,10 +53,12 @@ def write_report_png(path: str | Path, pool: Pool, report: dict[str, Any], emb, 
     order = np.argsort(-before, kind="stable")
     width = max(per_row * (_TILE + _GAP) + _GAP, 2 * (2 * _TILE + 3 * _GAP) + _GAP, 480)
     key_to_index = {k: i for i, k in enumerate(pool.keys)}
-    dup_pairs = [(key_to_index[r["path"]], key_to_index[r["duplicate_of"]])
-                 for r in report["removed"]
-                 if r["stage"] in ("exact", "near") and r.get("duplicate_of") in key_to_index
-                 and r["path"] in key_to_index][:pairs]
+    by_stage: dict[str, list[tuple[int, int]]] = {"near": [], "exact": []}
+    for r in report["removed"]:  # near duplicates first (the interesting ones), then exact
+        if r["stage"] in by_stage and r.get("duplicate_of") in key_to_index and r["path"] in key_to_index:
+            by_stage[r["stage"]].append((key_to_index[r["path"]], key_to_index[r["duplicate_of"]]))
+    dup_pairs = (by_stage["near"][: pairs - min(len(by_stage["exact"]), pairs // 4)]
+                 + by_stage["exact"])[:pairs]
     pair_rows = (len(dup_pairs) + 1) // 2
     height = (_TEXT_H + _HIST_H + _GAP + _TEXT_H + rows * (_TILE + _GAP) + _TEXT_H
               + max(1, pair_rows) * (_TILE + _GAP) + _GAP)
