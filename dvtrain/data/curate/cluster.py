@@ -10,6 +10,9 @@ over the data than plain k-means, whose centroids crowd into dense modes. Sampli
 a node's budget is split evenly among its children, a child smaller than its share gives the rest
 to its siblings (water-filling), and a leaf cluster gives a uniformly random subset of its points.
 
+k-means runs on the GPU when faiss-gpu is installed and sees one (``faiss.Kmeans(gpu=True)``; not
+tested here: the dev machines have no GPU), on the CPU otherwise.
+
 Shape legend: N points, D width, K clusters at a level.
 """
 
@@ -35,7 +38,8 @@ def _kmeans(x: np.ndarray, k: int, niter: int, seed: int, init: np.ndarray | Non
     # several restarts (best objective kept) for a first fit on few points (the upper levels
     # cluster centroids): one bad local minimum there merges separate modes
     nredo = 5 if init is None and len(x) <= 20_000 else 1
-    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, nredo=nredo,
+    gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())  # faiss-gpu installed and a GPU seen
+    km = faiss.Kmeans(x.shape[1], k, niter=niter, seed=seed, verbose=False, nredo=nredo, gpu=gpu,
                       max_points_per_centroid=256, min_points_per_centroid=1)
     km.train(np.ascontiguousarray(x, dtype=np.float32),
              init_centroids=None if init is None else np.ascontiguousarray(init, np.float32))
