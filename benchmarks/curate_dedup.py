@@ -44,12 +44,15 @@ def main() -> None:
             phash_cos=args.phash_cos, near_cos=args.near_cos))
         rem = {r["path"]: r for r in res.report["removed"]}
 
+        def kept(x: str) -> str:
+            """The image of x's duplicate group that stayed (following exact -> near chains)."""
+            while x in rem and rem[x]["stage"] in ("exact", "near"):
+                x = rem[x]["duplicate_of"]
+            return x
+
         def found(c: str, o: str) -> bool:
             """Copy and original ended in one duplicate group (one kept, or a third image kept)."""
-            a, b = rem.get(c), rem.get(o)
-            keep_a = a["duplicate_of"] if a and a["stage"] in ("exact", "near") else c
-            keep_b = b["duplicate_of"] if b and b["stage"] in ("exact", "near") else o
-            return keep_a == keep_b
+            return kept(c) == kept(o)
 
         print(f"pool: {res.report['counts']['source']} files ({args.base} base images, {args.per_kind} per "
               f"copy kind, crops up to {args.crop:.0%} per side), embedder {res.report['embedder']}")

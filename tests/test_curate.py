@@ -49,13 +49,17 @@ def planted(tmp_path_factory):
     return pool, res, removed
 
 
+def _kept(removed: dict, x: str) -> str:
+    """The image of x's duplicate group that stayed (following exact -> near chains)."""
+    while x in removed and removed[x]["stage"] in ("exact", "near"):
+        x = removed[x]["duplicate_of"]
+    return x
+
+
 def _found(removed: dict, copy: str, original: str) -> bool:
     """A planted pair is found when both ended in one duplicate group: one of the two kept and the
-    other removed as its duplicate, or both removed as duplicates of the same third image."""
-    a, b = removed.get(copy), removed.get(original)
-    keep_a = a["duplicate_of"] if a and a["stage"] in ("exact", "near") else copy
-    keep_b = b["duplicate_of"] if b and b["stage"] in ("exact", "near") else original
-    return keep_a == keep_b
+    other removed as its duplicate, or both removed as duplicates of the same kept image."""
+    return _kept(removed, copy) == _kept(removed, original)
 
 
 @pytest.mark.parametrize("kind", ["exact", "lossless", "jpeg", "resized"])
