@@ -338,12 +338,16 @@ class MultiCropLoader:
             ``num_canonical_nodes``, ``shuffle_seed``, ``initial_physical_nodes`` (streaming's
             resumption fields), ``epoch_size``, ``batch_size``, ``world_size``, ``num_bad_samples``.
         """
-        self._normalise()
+        # Normalise a copy: this runs while an epoch's iterator may still be open (a checkpoint right
+        # after its last batch), and that iterator advances ``epoch`` itself when it ends.
+        epoch, sample_in_epoch = self.epoch, self.sample_in_epoch
+        if self._epoch_done(sample_in_epoch):
+            epoch, sample_in_epoch = epoch + 1, 0
         nodes = self.world_size // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         initial = self.dataset.initial_physical_nodes
         return {
-            "epoch": self.epoch,
-            "sample_in_epoch": self.sample_in_epoch,
+            "epoch": epoch,
+            "sample_in_epoch": sample_in_epoch,
             "num_canonical_nodes": int(self.dataset.num_canonical_nodes),
             "shuffle_seed": int(self.dataset.shuffle_seed),
             "initial_physical_nodes": int(initial) if initial is not None else max(1, nodes),
