@@ -3,7 +3,8 @@
 ``DVTRAIN_FAULT="kind:iteration[,kind:iteration...]"`` with kinds:
 
 - ``sigint`` / ``sigterm`` / ``sigkill``: rank 0 sends itself that signal right after the step that
-  reached ``iteration`` (as if a user or a scheduler had sent it during that step);
+  reached ``iteration`` (as if a user or a scheduler had sent it during that step); SIGINT goes to
+  the whole process group when rank 0 leads one, as a terminal's Ctrl-C does (loader workers too);
 - ``kill_in_save``: rank 0 SIGKILLs itself while writing the checkpoint of ``iteration``, after the
   engine's files and before ``COMPLETE``.
 
@@ -45,4 +46,7 @@ def maybe_signal_self(iteration: int, rank: int) -> None:
         return
     for kind, sig in _SIGNALS.items():
         if fault_at(kind, iteration):
-            os.kill(os.getpid(), sig)
+            if sig == signal.SIGINT and os.getpgid(0) == os.getpid():
+                os.killpg(os.getpid(), sig)
+            else:
+                os.kill(os.getpid(), sig)

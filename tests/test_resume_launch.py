@@ -65,8 +65,9 @@ def _launch(shards, run_dir, extra=(), nproc=1, fault="") -> subprocess.Complete
                DVTRAIN_FAULT=fault, COLUMNS="80")
     for key in ("WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    # its own session, so that an injected SIGINT reaches its process group as a terminal's Ctrl-C would
     return subprocess.run(_cmd(shards, run_dir, list(extra), nproc), capture_output=True, text=True, timeout=400,
-                          env=env, cwd=REPO)
+                          env=env, cwd=REPO, start_new_session=True)
 
 
 def _rows(run_dir: Path) -> list[dict]:

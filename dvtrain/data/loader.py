@@ -123,12 +123,16 @@ _CLEANED = False
 
 
 def clean_stale_shared_memory_once() -> None:
-    """Remove shared memory left by killed streaming runs, once per process, on local rank 0.
+    """Remove streaming's shared-memory segments on this machine, once per process, before the
+    first dataset is built.
 
-    streaming's ``clean_stale_shared_memory`` treats every existing streaming segment as stale, so
-    calling it while a ``StreamingDataset`` of this process is alive would break that dataset;
-    hence only the first call per process does anything. Call it before building datasets.
-    With several ranks it synchronises through torch.distributed when initialised.
+    A killed run leaves its segments behind and the next run would attach to them. streaming's
+    ``clean_stale_shared_memory`` cannot tell those from live ones: it unlinks EVERY streaming
+    segment of the machine (on local rank 0; other ranks wait at a barrier when torch.distributed
+    is initialised). Hence only the first call per process does anything (later calls would break
+    this process's own datasets), and two training runs that share a machine must not start at the
+    same moment (the second one's cleaning would hit the first one's segments; already attached
+    memory stays valid, new attachments do not).
     """
     global _CLEANED
     if _CLEANED:
