@@ -10,7 +10,7 @@ commit. Without a GPU it says so and times the references only.
 
 Shapes (dinov2 facts): SwiGLU hidden widths 1024/2048/2736/4096 (ViT-S/B/L/g), tokens = global-crop
 images per GPU x 257 (2 global crops x per-GPU batch 64/64/32/12), bf16 as in training. KoLeo on CLS
-tokens B = 64 ... 4096, D = 384 ... 1536, bf16 input (both paths compute in fp32).
+tokens B = 64 ... 4096, D = 384 ... 1536 (and 1024, ViT-L, at B = 4096), bf16 input (both paths compute in fp32).
 
 Shape legend: M = tokens, H = SwiGLU hidden width, B = KoLeo rows, D = feature width.
 """
@@ -35,7 +35,7 @@ TOKENS_PER_GLOBAL_CROP = 257  # 224 px / patch 14 -> 16 x 16 patches + CLS
 # (arch, SwiGLU hidden width H, global-crop images per GPU = 2 x per-GPU batch)
 SWIGLU_SHAPES = [("vit_small", 1024, 128), ("vit_base", 2048, 128), ("vit_large", 2736, 64), ("vit_giant2", 4096, 24)]
 SWIGLU_SHAPES_QUICK = [("vit_small", 1024, 2), ("vit_giant2", 4096, 1)]
-KOLEO_SHAPES = [(b, d) for b in (64, 256, 1024, 4096) for d in (384, 1536)]
+KOLEO_SHAPES = [(b, d) for b in (64, 256, 1024, 4096) for d in (384, 1536)] + [(4096, 1024)]  # + ViT-L width
 KOLEO_SHAPES_QUICK = [(64, 384), (256, 768)]
 
 
