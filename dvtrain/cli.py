@@ -83,15 +83,17 @@ app.add_typer(bench_app, name="bench")
 def bench_kernels(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Small shapes and few repeats (a minute on a CPU)."),
+    shapes: Optional[List[str]] = typer.Option(
+        None, "--shape", help="Only shapes whose label contains this text (vit_large, B=4096, ...). Repeatable."),
 ) -> None:
     """Time the fused SwiGLU and KoLeo kernels against eager torch and torch.compile (forward, backward,
     full step, peak memory). Without a GPU only the references are timed.
 
-    Example: dvtrain bench kernels --json benchmarks/results/kernels.json
+    Example: dvtrain bench kernels --json benchmarks/results/kernels.json --shape vit_large --shape B=4096
     """
     from dvtrain.bench import run_kernel_bench
 
-    run_kernel_bench(str(json_path) if json_path else None, quick=quick)
+    run_kernel_bench(str(json_path) if json_path else None, quick=quick, select=shapes or None)
 
 
 def _mount_subcommands() -> None:

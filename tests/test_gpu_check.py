@@ -220,3 +220,15 @@ def test_junit_outcomes(tmp_path):
     assert res == {"passed": ["tests.test_kernels_swiglu::test_cuda_matches_reference[1]"],
                    "failed": ["tests.test_kernels_koleo::test_cuda_compiles: boom"],
                    "skipped": {"tests.test_vit::test_xformers": "no xformers"}}
+
+
+def test_bench_shape_selection_is_what_the_check_asks_for():
+    import torch
+
+    from dvtrain.bench import _cases
+
+    labels = [label for _, label, *_ in _cases(torch.device("cpu"), quick=False,
+                                               select=["vit_large", "vit_giant2", "B=4096"])]
+    assert labels == ["vit_large M=16448 H=2736", "vit_giant2 M=6168 H=4096",
+                      "B=4096 D=384", "B=4096 D=1536", "B=4096 D=1024"]
+    assert len(list(_cases(torch.device("cpu"), quick=False))) == 4 + 9
