@@ -473,6 +473,7 @@ def step_train_step(c: "Check") -> dict:
     for name, *_ in TRAIN_RUNS:
         if not any(r[0] == name for r in runs):
             skipped[name] = "CUDA only: fp16 loss scaling (DeepSpeed's dynamic scaler, torch.amp.GradScaler) needs a GPU"
+
     def command(child: str, precision: str, act_ckpt: bool) -> list[str]:
         cmd = [sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--child", child, "--recipe",
                str(REPO / "recipes" / "vitl14.yaml"), "--precision", precision, "--steps", str(steps), "--warmup",
@@ -501,6 +502,10 @@ def step_train_step(c: "Check") -> dict:
             problems.append(f"{name}: {exc}")
             continue
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        if not lines:
+            details[name] = {"status": "failed", "reason": f"no RESULT line: {tail(out)}"}
+            problems.append(f"{name}: no RESULT line in its output")
+            continue
         r = json.loads(lines[-1][len("RESULT "):])
         entry = {"status": "passed", "precision": precision, "act_ckpt": act_ckpt, "batch": r["batch"],
                  "device": r["device"], "peak_flops": r["peak_flops"],
@@ -672,11 +677,13 @@ def step_resume(c: "Check") -> dict:
         start_interrupted(c)
     proc = c.interrupted_proc
     out = c.run.wait(proc)
-    if proc.returncode != 0:
+    # a launch stopped by a signal exits with 128 + its number (143 for SIGTERM); 0 from older dvtrain versions
+    if proc.returncode not in (128 + signal.SIGTERM, 0):
         raise StepFailed(f"interrupted launch exited with {proc.returncode}: {tail(out)}")
     summary = json.loads((run_dir / "summary.json").read_text())
     stopped_at = summary.get("iterations")
-    details = {"signal": "SIGTERM", "stopped_status": summary.get("status"), "stopped_at": stopped_at}
+    details = {"signal": "SIGTERM", "stopped_exit_status": proc.returncode, "stopped_status": summary.get("status"),
+               "stopped_at": stopped_at}
     total = 200 if c.gpu else DRY_ITERATIONS
     if summary.get("status") != "stopped" or not stopped_at or stopped_at >= total:
         raise StepFailed(f"the SIGTERM did not stop the run mid-way: status {summary.get('status')!r} after "

@@ -246,7 +246,7 @@ def run_child(args) -> dict:
 def _flops_per_image(recipe, model) -> int:
     """Training FLOPs of one image for this recipe's model (dvtrain.flops' explicit formula, as the trainer
     logs MFU)."""
-    from dvtrain.launch import _flops_per_image as flops_per_image
+    from dvtrain.train.metrics import flops_per_image
 
     return flops_per_image(recipe, model)
 
