@@ -954,6 +954,7 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     rep = check.report()
+    print("\n" + markdown(rep), flush=True)  # the report last: a caller that keeps only the output's tail sees it
     print(f"[gpu_check] {'PASSED' if rep['ok'] else 'FAILED: ' + ', '.join(rep['failed'])} in {rep['wall_s']:.0f} s; "
           f"{args.out / 'gpu_check.json'}, {args.out / 'gpu_check.md'}", flush=True)
     return rc
