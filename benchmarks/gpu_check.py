@@ -602,8 +602,6 @@ def step_smoke_run(c: "Check") -> dict:
     details = {"data": _wait_conversion(c)}
     run_dir = c.work / "smoke"
     c.smoke_overrides = _smoke_overrides(c)
-    if not c.gpu:  # the dry run starts resume's run now, beside this one (on a GPU: after, for clean timings)
-        start_interrupted(c)
     t0 = time.monotonic()
     c.run.run(_launch_cmd(run_dir, c.smoke_overrides))
     details["launch_s"] = round(time.monotonic() - t0, 1)
@@ -650,7 +648,11 @@ def step_smoke_run(c: "Check") -> dict:
 
 def start_interrupted(c: "Check") -> None:
     """Start the run that resume interrupts: a watcher thread sends SIGTERM to the launch process (the
-    trainer finishes the step, saves and exits) once its first checkpoint is complete."""
+    trainer finishes the step, saves and exits) once its first checkpoint is complete.
+
+    Never beside another command that reads the same MDS directory: mosaicml-streaming keys its shared
+    memory by the local directory, and two runs on one directory at once hang or stop each other (seen
+    in the dry run)."""
     run_dir = c.work / "interrupted"
     every = 50 if c.gpu else DRY_CKPT_EVERY
     first_ckpt = run_dir / "checkpoints" / f"iter_{every:08d}" / "COMPLETE"
