@@ -648,11 +648,7 @@ def step_smoke_run(c: "Check") -> dict:
 
 def start_interrupted(c: "Check") -> None:
     """Start the run that resume interrupts: a watcher thread sends SIGTERM to the launch process (the
-    trainer finishes the step, saves and exits) once its first checkpoint is complete.
-
-    Never beside another command that reads the same MDS directory: mosaicml-streaming keys its shared
-    memory by the local directory, and two runs on one directory at once hang or stop each other (seen
-    in the dry run)."""
+    trainer finishes the step, saves and exits) once its first checkpoint is complete."""
     run_dir = c.work / "interrupted"
     every = 50 if c.gpu else DRY_CKPT_EVERY
     first_ckpt = run_dir / "checkpoints" / f"iter_{every:08d}" / "COMPLETE"
