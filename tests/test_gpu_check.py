@@ -29,7 +29,7 @@ def test_dry_run_reports_every_step(tmp_path):
     env = dict(os.environ, PYTHON=sys.executable, DS_ACCELERATOR="cpu")
     t0 = time.monotonic()
     res = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run", "--workdir",
-                          str(tmp_path / "work")], capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
+                          str(tmp_path / "work")], capture_output=True, text=True, timeout=900, env=env, cwd=REPO)
     wall = time.monotonic() - t0
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rep = json.loads((out / "gpu_check.json").read_text())
