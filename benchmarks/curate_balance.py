@@ -39,7 +39,7 @@ def embed(e: Embedder, images: np.ndarray) -> np.ndarray:
 
 
 def random_init_backbone(tmp: Path) -> str:
-    from dvtrain.checkpoint_io import LoadedBackbone, backbone_kwargs
+    from dvtrain.checkpoint.backbone import LoadedBackbone, backbone_kwargs
     from dvtrain.export import export_hub
     from dvtrain.models.vit import DinoVisionTransformer
 

@@ -9,10 +9,17 @@ CPU test machine is shared). Activation checkpointing is measured on ZeRO-3 in s
 activation memory = bytes of the tensors autograd saves for backward (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA).
 
+On CUDA both variants run on the GPU (the plain model and its batches are moved there, phases are
+timed between ``torch.cuda.synchronize`` calls) and fp16 runs with loss scaling in both (DeepSpeed's
+dynamic scaler; ``torch.amp.GradScaler`` for plain). With ``--recipe`` the model, heads, crops and batch
+are a shipped recipe's (``--set`` overrides as for ``dvtrain launch``) instead of the small CPU model,
+and each variant also reports FLOPs per image (``dvtrain.flops``) and MFU against the device's peak.
+
 Usage::
 
     python benchmarks/train_step.py                 # all variants, markdown report on stdout
     python benchmarks/train_step.py --steps 10 --batch 16 --out benchmarks/results/<date>-train-step-cpu.md
+    python benchmarks/train_step.py --recipe recipes/vitl14.yaml --precision bf16 --json step.json  # on a GPU
 """
 
 from __future__ import annotations
@@ -33,6 +40,20 @@ sys.path.insert(0, str(REPO / "tests"))
 
 
 def _recipe(args, act_ckpt: bool):
+    if args.recipe:
+        from dvtrain.recipe import load_recipe
+
+        overrides = list(args.set) + [f"model.activation_checkpointing={str(act_ckpt).lower()}",
+                                      f"precision={args.precision}"]
+        if args.batch is not None:
+            overrides.append(f"batch.micro_batch_per_device={args.batch}")
+        recipe = load_recipe(args.recipe, overrides)
+        # the batches follow the recipe's crops and per-device batch
+        args.batch = recipe.batch.micro_batch_per_device
+        args.global_size, args.local_size = recipe.crops.global_size, recipe.crops.local_size
+        args.local_crops, args.patch_size = recipe.crops.num_local_crops, recipe.model.patch_size
+        return recipe
+
     from _dist_utils import tiny_recipe
 
     return tiny_recipe(
@@ -53,7 +74,7 @@ def _batches(args, n: int):
     from dvtrain.data.collate import collate_multicrop
 
     g = torch.Generator().manual_seed(0)
-    n_tokens = (args.global_size // 14) ** 2
+    n_tokens = (args.global_size // args.patch_size) ** 2
     out = []
     for s in range(n):
         samples = [{"global_crops": [torch.randn(3, args.global_size, args.global_size, generator=g) for _ in range(2)],
@@ -66,12 +87,21 @@ def _batches(args, n: int):
 PHASES = ("forward", "backward", "step", "ema", "total")
 
 
-def build_variant(args, variant: str):
-    """Build one variant; returns ``step(i, batch) -> dict phase -> seconds``."""
+def build_variant(args, variant: str, recipe=None, info: dict | None = None):
+    """Build one variant; returns ``step(i, batch) -> dict phase -> seconds``.
+
+    ``info`` (if given) receives ``flops_per_image`` and counts ``skipped_steps`` (fp16 overflow)."""
     import torch
 
-    recipe = _recipe(args, args.act_ckpt)
+    recipe = recipe or _recipe(args, args.act_ckpt)
     cuda = torch.cuda.is_available()
+    info = {} if info is None else info
+    info.setdefault("skipped_steps", 0)
+
+    def now():
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     if variant == "zero3":
         from dvtrain.train.param_groups import apply_schedule_to_param_groups
@@ -79,21 +109,24 @@ def build_variant(args, variant: str):
 
         tr = Trainer(recipe)
         eng, model, sched = tr.engine, tr.model, tr.schedules
+        info["flops_per_image"] = _flops_per_image(recipe, model)
 
         def step(i, batch):
             sc = sched.at(i)
-            t0 = time.perf_counter()
+            t0 = now()
             apply_schedule_to_param_groups(eng.param_groups, sc["lr"], sc["wd"], sc["last_layer_lr"])
             losses = eng.forward(tr._to_device(batch), teacher_temp=sc["teacher_temp"])
-            t1 = time.perf_counter()
+            t1 = now()
             eng.backward(losses["total"])
-            t2 = time.perf_counter()
+            t2 = now()
             res = eng.step()
             model.apply_center_update()
-            t3 = time.perf_counter()
+            t3 = now()
             if res.applied:
                 eng.update_teacher(sc["momentum"])
-            t4 = time.perf_counter()
+            else:
+                info["skipped_steps"] += 1
+            t4 = now()
             return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)))
     else:
         import random
@@ -102,11 +135,15 @@ def build_variant(args, variant: str):
 
         from dvtrain.train.meta_arch import SSLMetaArch
         from dvtrain.train.param_groups import apply_schedule_to_param_groups
-        from dvtrain.train.trainer import meta_arch_config_from_recipe, schedules_from_recipe
+        from dvtrain.train.meta_arch import meta_arch_config_from_recipe
+        from dvtrain.train.trainer import schedules_from_recipe
 
         random.seed(0), np.random.seed(0), torch.manual_seed(0)
-        model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
+        device = torch.device("cuda" if cuda else "cpu")
+        model = SSLMetaArch(meta_arch_config_from_recipe(recipe)).to(device)
+        info["flops_per_image"] = _flops_per_image(recipe, model)
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        scaler = torch.amp.GradScaler("cuda" if cuda else "cpu", enabled=dtype == torch.float16)
         o = recipe.optim
         sched = schedules_from_recipe(recipe, 1)
         opt = torch.optim.AdamW(model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0,
@@ -125,24 +162,30 @@ def build_variant(args, variant: str):
 
         def _plain_step(i, batch):
             sc = sched.at(i)
-            t0 = time.perf_counter()
+            t0 = now()
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             apply_schedule_to_param_groups(opt.param_groups, sc["lr"], sc["wd"], sc["last_layer_lr"])
             with autocast:
                 losses = model(batch, teacher_temp=sc["teacher_temp"])
-            t1 = time.perf_counter()
+            t1 = now()
             opt.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            t2 = time.perf_counter()
+            scaler.scale(losses["total"]).backward()
+            t2 = now()
+            scaler.unscale_(opt)
             if o.clip_mode == "per_module":
                 for sub in model.student.values():
                     torch.nn.utils.clip_grad_norm_(sub.parameters(), o.clip_grad)
             else:
                 torch.nn.utils.clip_grad_norm_(model.student.parameters(), o.clip_grad)
-            opt.step()
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(opt)
+            scaler.update()
+            if scale is not None and scaler.get_scale() < scale:
+                info["skipped_steps"] += 1  # GradScaler skipped the update (inf/NaN gradients)
             model.apply_center_update()
-            t3 = time.perf_counter()
+            t3 = now()
             model.update_teacher(sc["momentum"])
-            t4 = time.perf_counter()
+            t4 = now()
             return dict(zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0)))
 
     return step
@@ -156,9 +199,11 @@ def run_child(args) -> dict:
 
     _TORCH_LINEAR = torch.nn.functional.linear
     torch.set_num_threads(args.threads)
+    recipe = _recipe(args, args.act_ckpt)
     batches = _batches(args, args.warmup + args.steps)
     variants = ["plain", "zero3"] if args.child == "pair" else ["zero3"]
-    steps = {v: build_variant(args, v) for v in variants}
+    infos: dict[str, dict] = {v: {} for v in variants}
+    steps = {v: build_variant(args, v, recipe, infos[v]) for v in variants}
     times: dict[str, dict[str, list[float]]] = {v: {k: [] for k in PHASES} for v in variants}
     for i in range(args.warmup):
         for v in variants:
@@ -183,16 +228,37 @@ def run_child(args) -> dict:
             for k, val in res.items():
                 times[v][k].append(val)
     mem = torch.cuda.max_memory_allocated() / 2**20 if cuda else sum(saved.values()) / 2**20
-    return {v: {"median_s": {k: statistics.median(x) for k, x in times[v].items()},
-                "images_per_s": args.batch / statistics.median(times[v]["total"])} for v in variants} | {
-        "peak_mem_growth_mib": mem, "act_ckpt": args.act_ckpt}
+    from dvtrain.flops import peak_flops
+
+    peak = peak_flops(torch.device("cuda" if cuda else "cpu"), args.precision)
+    out = {}
+    for v in variants:
+        ips = args.batch / statistics.median(times[v]["total"])
+        fpi = infos[v].get("flops_per_image")
+        out[v] = {"median_s": {k: statistics.median(x) for k, x in times[v].items()}, "images_per_s": ips,
+                  "flops_per_image": fpi, "mfu": (ips * fpi / peak) if fpi and peak else None,
+                  "skipped_steps": infos[v]["skipped_steps"]}
+    return out | {"peak_mem_growth_mib": mem, "act_ckpt": args.act_ckpt, "precision": args.precision,
+                  "batch": args.batch, "peak_flops": peak, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                  "steps": args.steps, "warmup": args.warmup}
+
+
+def _flops_per_image(recipe, model) -> int:
+    """Training FLOPs of one image for this recipe's model (dvtrain.flops' explicit formula, as the trainer
+    logs MFU)."""
+    from dvtrain.train.metrics import flops_per_image
+
+    return flops_per_image(recipe, model)
 
 
 def _spawn(args, child: str, act_ckpt: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", child] + (["--act-ckpt"] if act_ckpt else [])
     for k in ("steps", "warmup", "batch", "depth", "global_size", "local_size", "local_crops", "prototypes",
-              "precision", "clip_mode", "threads"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+              "precision", "clip_mode", "threads", "recipe"):
+        if getattr(args, k) is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    for ov in args.set:
+        cmd += ["--set", ov]
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), OMP_NUM_THREADS=str(args.threads))
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=str(REPO), check=False)
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -203,21 +269,29 @@ def _spawn(args, child: str, act_ckpt: bool) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--child", choices=["pair", "memory"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["pair", "memory"], default=None,
+                   help="Run one measurement in this process and print it as one 'RESULT {json}' line: pair = "
+                   "plain and ZeRO-3 interleaved, memory = ZeRO-3 alone with its peak memory (gpu_check.py uses it).")
     p.add_argument("--act-ckpt", action="store_true")
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=None, help="Per-device batch (default 16, or the recipe's).")
     p.add_argument("--depth", type=int, default=12)
     p.add_argument("--global-size", type=int, default=112)
     p.add_argument("--local-size", type=int, default=56)
     p.add_argument("--local-crops", type=int, default=4)
     p.add_argument("--prototypes", type=int, default=8192)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--recipe", type=Path, default=None, help="Benchmark this recipe's model, crops and batch.")
+    p.add_argument("--set", action="append", default=[], help="Recipe override dotted.path=value (with --recipe).")
+    p.add_argument("--json", type=Path, default=None, help="Also write the raw results as JSON here.")
     p.add_argument("--clip-mode", default="per_module", choices=["per_module", "global"])
     p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 1)))
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
+    args.patch_size = 14
+    if args.batch is None and args.recipe is None:
+        args.batch = 16
     if args.child:
         print("RESULT " + json.dumps(run_child(args)), flush=True)
         return
@@ -225,6 +299,8 @@ def main() -> None:
     import deepspeed
     import torch
 
+    if args.recipe:
+        _recipe(args, False)  # crops and batch for the report
     pair = _spawn(args, "pair", False)
     mem = {a: _spawn(args, "memory", a) for a in (False, True)}
     lines = [
@@ -233,9 +309,11 @@ def main() -> None:
         f"- host: {platform.node()} {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"{args.threads} torch threads; CUDA: {torch.cuda.is_available()}",
         f"- torch {torch.__version__}, deepspeed {deepspeed.__version__}, python {platform.python_version()}",
-        f"- config: vit_tiny width 192, depth {args.depth}, patch 14, global {args.global_size}px x2, local "
-        f"{args.local_size}px x{args.local_crops}, batch {args.batch}, DINO head 2048/256/{args.prototypes}, "
-        f"iBOT shared head, KoLeo on, {args.precision}, clip {args.clip_mode}",
+        (f"- config: {args.recipe} {' '.join(args.set)}, global {args.global_size}px x2, local {args.local_size}px "
+         f"x{args.local_crops}, batch {args.batch}, {args.precision}" if args.recipe else
+         f"- config: vit_tiny width 192, depth {args.depth}, patch 14, global {args.global_size}px x2, local "
+         f"{args.local_size}px x{args.local_crops}, batch {args.batch}, DINO head 2048/256/{args.prototypes}, "
+         f"iBOT shared head, KoLeo on, {args.precision}, clip {args.clip_mode}"),
         f"- median over {args.steps} steps after {args.warmup} warm-up steps; plain and ZeRO-3 steps interleaved "
         "in one process so both see the same machine load",
         "",
@@ -257,6 +335,9 @@ def main() -> None:
                      f"{mem[a]['peak_mem_growth_mib']:.0f} |")
     report = "\n".join(lines) + "\n"
     print(report)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"pair": pair, "memory": {"off": mem[False], "on": mem[True]}}, indent=2))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(report)

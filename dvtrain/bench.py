@@ -10,7 +10,7 @@ commit. Without a GPU it says so and times the references only.
 
 Shapes (dinov2 facts): SwiGLU hidden widths 1024/2048/2736/4096 (ViT-S/B/L/g), tokens = global-crop
 images per GPU x 257 (2 global crops x per-GPU batch 64/64/32/12), bf16 as in training. KoLeo on CLS
-tokens B = 64 ... 4096, D = 384 ... 1536, bf16 input (both paths compute in fp32).
+tokens B = 64 ... 4096, D = 384 ... 1536 (and 1024, ViT-L, at B = 4096), bf16 input (both paths compute in fp32).
 
 Shape legend: M = tokens, H = SwiGLU hidden width, B = KoLeo rows, D = feature width.
 """
@@ -35,7 +35,7 @@ TOKENS_PER_GLOBAL_CROP = 257  # 224 px / patch 14 -> 16 x 16 patches + CLS
 # (arch, SwiGLU hidden width H, global-crop images per GPU = 2 x per-GPU batch)
 SWIGLU_SHAPES = [("vit_small", 1024, 128), ("vit_base", 2048, 128), ("vit_large", 2736, 64), ("vit_giant2", 4096, 24)]
 SWIGLU_SHAPES_QUICK = [("vit_small", 1024, 2), ("vit_giant2", 4096, 1)]
-KOLEO_SHAPES = [(b, d) for b in (64, 256, 1024, 4096) for d in (384, 1536)]
+KOLEO_SHAPES = [(b, d) for b in (64, 256, 1024, 4096) for d in (384, 1536)] + [(4096, 1024)]  # + ViT-L width
 KOLEO_SHAPES_QUICK = [(64, 384), (256, 768)]
 
 
@@ -142,8 +142,9 @@ def _environment(device: torch.device) -> dict:
     }
 
 
-def _cases(device: torch.device, quick: bool):
-    """Yield (kernel, shape label, dtype, make_input, {impl: fn})."""
+def _cases(device: torch.device, quick: bool, select: list[str] | None = None):
+    """Yield (kernel, shape label, dtype, make_input, {impl: fn}); with ``select``, only the shapes whose
+    label contains one of its strings."""
     dtype = torch.bfloat16
     on_gpu = device.type == "cuda"
     impls_swiglu = {"eager": swiglu_reference, "compiled": torch.compile(swiglu_reference)}
@@ -151,8 +152,13 @@ def _cases(device: torch.device, quick: bool):
     if on_gpu:
         impls_swiglu = {"ours": swiglu_triton, **impls_swiglu}
         impls_koleo = {"ours": koleo_loss_triton, **impls_koleo}
+    def chosen(label: str) -> bool:
+        return not select or any(part in label for part in select)
+
     for arch, H, images in SWIGLU_SHAPES_QUICK if quick else SWIGLU_SHAPES:
         M = images * TOKENS_PER_GLOBAL_CROP
+        if not chosen(f"{arch} M={M} H={H}"):
+            continue
         yield (
             "swiglu",
             f"{arch} M={M} H={H}",
@@ -161,6 +167,8 @@ def _cases(device: torch.device, quick: bool):
             impls_swiglu,
         )
     for B, D in KOLEO_SHAPES_QUICK if quick else KOLEO_SHAPES:
+        if not chosen(f"B={B} D={D}"):
+            continue
         yield "koleo", f"B={B} D={D}", dtype, lambda B=B, D=D: torch.randn(B, D, device=device, dtype=dtype), impls_koleo
 
 
@@ -187,12 +195,14 @@ def _format(results: list[Measurement]) -> str:
     return "\n".join(lines)
 
 
-def run_kernel_bench(json_path: str | None = None, quick: bool = False) -> dict:
+def run_kernel_bench(json_path: str | None = None, quick: bool = False, select: list[str] | None = None) -> dict:
     """Benchmark the SwiGLU and KoLeo kernels; print a table, optionally write JSON.
 
     Args:
         json_path: where to write the results as JSON (None = don't write).
         quick: few small shapes and repeats (finishes in about a minute on a 2-core CPU).
+        select: only the shapes whose label contains one of these strings (``"vit_large"``, ``"B=4096"``);
+            None = all.
 
     Returns:
         {"environment": {...device, versions, git commit...}, "results": [Measurement as dict, ...],
@@ -208,7 +218,7 @@ def run_kernel_bench(json_path: str | None = None, quick: bool = False) -> dict:
         print("No GPU: the Triton kernels are not timed; timing the eager and torch.compile references only.")
     torch.manual_seed(0)
     results: list[Measurement] = []
-    for kernel, shape, dtype, make_input, impls in _cases(device, quick):
+    for kernel, shape, dtype, make_input, impls in _cases(device, quick, select):
         for impl, fn in impls.items():
             row = Measurement(kernel=kernel, shape=shape, dtype=str(dtype).removeprefix("torch."), impl=impl)
             results.append(_measure(row, fn, make_input, device, warmup, repeats))
@@ -225,7 +235,8 @@ def run_kernel_bench(json_path: str | None = None, quick: bool = False) -> dict:
         }
     table = _format(results)
     print(table)
-    report = {"environment": env, "quick": quick, "repeats": repeats, "results": [asdict(r) for r in results]}
+    report = {"environment": env, "quick": quick, "select": select, "repeats": repeats,
+              "results": [asdict(r) for r in results]}
     report["ratios"] = ratios
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)

@@ -83,15 +83,17 @@ app.add_typer(bench_app, name="bench")
 def bench_kernels(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here."),
     quick: bool = typer.Option(False, "--quick", help="Small shapes and few repeats (a minute on a CPU)."),
+    shapes: Optional[List[str]] = typer.Option(
+        None, "--shape", help="Only shapes whose label contains this text (vit_large, B=4096, ...). Repeatable."),
 ) -> None:
     """Time the fused SwiGLU and KoLeo kernels against eager torch and torch.compile (forward, backward,
     full step, peak memory). Without a GPU only the references are timed.
 
-    Example: dvtrain bench kernels --json benchmarks/results/kernels.json
+    Example: dvtrain bench kernels --json benchmarks/results/kernels.json --shape vit_large --shape B=4096
     """
     from dvtrain.bench import run_kernel_bench
 
-    run_kernel_bench(str(json_path) if json_path else None, quick=quick)
+    run_kernel_bench(str(json_path) if json_path else None, quick=quick, select=shapes or None)
 
 
 def _mount_subcommands() -> None:
@@ -120,18 +122,21 @@ def launch(
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (deepspeed launcher when > 1)."),
     hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="MPI-style hostfile for multi-node runs."),
     worker: bool = typer.Option(False, "--worker", hidden=True, help="Run as one rank of a launched job."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show DeepSpeed's INFO lines."),
 ) -> None:
     """Train: validate, then run in place (one process) or start every rank through DeepSpeed's launcher.
 
     Extra --dotted.path=value arguments (as a W&B sweep agent passes them) are recipe overrides.
+    Relaunching the same command resumes exactly from the newest complete checkpoint. Exit status:
+    0 done, 130/143 stopped by SIGINT/SIGTERM (a checkpoint was written), 1 diverged or failed.
 
     Example: dvtrain launch recipes/vitg14.yaml --hostfile hosts --set data.path=s3://bucket/mds
     """
     from dvtrain.launch import launch as run_launch
 
-    result = run_launch(recipe, overrides or [], output_dir, resume, nproc, hostfile, worker, list(ctx.args))
-    if isinstance(result, int) and result != 0:
-        raise typer.Exit(result)
+    code = run_launch(recipe, overrides or [], output_dir, resume, nproc, hostfile, worker, list(ctx.args), verbose)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

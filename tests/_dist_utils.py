@@ -241,3 +241,16 @@ def allow_cpu_fp16() -> None:
     from deepspeed.accelerator import get_accelerator
 
     type(get_accelerator()).is_fp16_supported = lambda self: True
+
+
+class Box:
+    """A stateful checkpoint part holding a dict (stands in for the data loader in unit tests)."""
+
+    def __init__(self, **state):
+        self.state = dict(state)
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)

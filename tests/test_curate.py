@@ -194,7 +194,7 @@ def test_retrieval_from_a_one_class_seed_set(tmp_path, seed_class):
 
 
 def test_backbone_embeddings_from_an_export(tmp_path):
-    from dvtrain.checkpoint_io import LoadedBackbone, backbone_kwargs
+    from dvtrain.checkpoint.backbone import LoadedBackbone, backbone_kwargs
     from dvtrain.export import export_hub
     from dvtrain.models.vit import DinoVisionTransformer
 

@@ -165,6 +165,19 @@ def test_position_at_epoch_end_starts_next_epoch_at_zero(fmnist100, tmp_path):
     assert ids([next(iter(other))]) == [[0, 1, 2, 3]]
 
 
+def test_state_taken_at_the_last_batch_does_not_skip_an_epoch(fmnist100, tmp_path):
+    """A checkpoint right after an epoch's last batch (the iterator still open) saves (epoch + 1, 0)
+    and leaves the loader to continue with that epoch, not the one after."""
+    ld = loader(fresh_copy(fmnist100, tmp_path, "a"), num_workers=1)
+    states = []
+    for b in ld:
+        states.append(ld.state_dict())
+    assert (states[-1]["epoch"], states[-1]["sample_in_epoch"]) == (1, 0)
+    assert (ld.epoch, ld.sample_in_epoch) == (1, 0)  # the iterator's own end moved it once, not twice
+    next(iter(ld))
+    assert (ld.state_dict()["epoch"], ld.state_dict()["sample_in_epoch"]) == (1, 4)
+
+
 def test_drop_last_partial_tail_counts_as_epoch_end(fmnist100, tmp_path):
     ld = loader(fresh_copy(fmnist100, tmp_path, "a"), batch_size=8)  # 100 = 12 x 8 + 4
     assert len(ld) == 12

@@ -29,9 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dvtrain import dist
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,13 @@ weighted total; the engine runs backward / step.
 Structure (so one engine wraps the whole module and student and teacher are partitioned the same
 way by construction): ``student = ModuleDict(backbone, dino_head[, ibot_head])``; ``teacher`` is a
 deep copy with its own storage and ``requires_grad=False``; ``dino_loss`` and ``ibot_patch_loss``
-hold the ``center`` buffers (checkpointed with the module's state_dict).
+hold the ``center`` buffers (checkpointed as persistent buffers in the trainer's train state).
 
-Step protocol (per optimizer step, on every rank):
+Step protocol (per optimizer step, on every rank; ``dvtrain.train.trainer.Trainer.train_step``):
     for micro_batch in step:  losses = model(batch, teacher_temp); backward(losses["total"])
-    optimizer step; teacher EMA (``update_teacher`` or the engine's sharded EMA);
-    ``model.apply_center_update()``   # collective; folds this step's teacher statistics into the centers
+    optimizer step (the engine; fp16 may skip it)
+    ``model.apply_center_update()``   # collective, every step; folds this step's teacher statistics
+    teacher EMA (the engine's sharded EMA, or ``update_teacher``), only when the step was applied
 
 Shape legend: B images per rank, n local crops, N patch tokens per global crop, M masked tokens,
 D embed width, K prototypes.
@@ -310,3 +311,28 @@ class SSLMetaArch(nn.Module):
             total = total + cfg.ibot_loss_weight * ibot
         losses["total"] = total
         return losses
+
+
+def meta_arch_config_from_recipe(recipe: Any) -> MetaArchConfig:
+    """Map a :class:`dvtrain.recipe.Recipe` onto :class:`MetaArchConfig`."""
+    m, lo = recipe.model, recipe.loss
+    overrides: dict[str, Any] = dict(
+        img_size=recipe.crops.global_size, patch_size=m.patch_size, ffn_layer=m.ffn_layer,
+        drop_path_rate=m.drop_path_rate, layerscale_init=m.layerscale_init,
+        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
+        interpolate_antialias=m.interpolate_antialias, attn_impl=m.attn_impl,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+    for k in ("embed_dim", "depth", "num_heads"):
+        if getattr(m, k) is not None:
+            overrides[k] = getattr(m, k)
+    return MetaArchConfig(
+        arch=m.arch, backbone_overrides=overrides,
+        dino_head_n_prototypes=lo.num_prototypes, dino_head_hidden_dim=lo.head_hidden_dim,
+        dino_head_bottleneck_dim=lo.bottleneck_dim, dino_head_nlayers=lo.head_nlayers,
+        ibot_separate_head=lo.ibot_separate_head, ibot_head_n_prototypes=lo.ibot_num_prototypes,
+        ibot_head_hidden_dim=lo.ibot_hidden_dim, ibot_head_bottleneck_dim=lo.ibot_bottleneck_dim,
+        ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
+        ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
+        center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
+    )

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from dvtrain.checkpoint_io import detect_checkpoint_format, load_backbone
+from dvtrain.checkpoint.backbone import detect_checkpoint_format, load_backbone
 from dvtrain.data.curate.pool import open_payload
 
 __all__ = ["Embedder", "PIXELS", "check_model", "make_embedder", "write_embeddings"]
