@@ -102,8 +102,18 @@ def synthetic_batches(recipe, n: int, seed: int = 0):
 
 
 def build_variant(recipe, variant: str):
-    """``step(batch) -> None`` of one variant: ``zero3``/``zero0`` (the Trainer) or ``plain``."""
+    """``step(batch) -> None`` of one variant: ``zero3``/``zero0`` (the Trainer) or ``plain``, optionally
+    with recipe overrides after a colon, ``;``-separated: ``zero3:model.compile=true``."""
     import torch
+
+    from dvtrain.recipe import apply_override, recipe_from_dict
+
+    if ":" in variant:
+        variant, overrides = variant.split(":", 1)
+        data = recipe.model_dump(mode="json")
+        for ov in overrides.split(";"):
+            apply_override(data, ov)
+        recipe = recipe_from_dict(data, source="benchmark")
 
     if variant in ("zero3", "zero0"):
         from dvtrain.recipe import recipe_from_dict

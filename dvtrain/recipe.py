@@ -113,6 +113,10 @@ class ModelConfig(_Section):
         "auto", description="Attention kernel: auto = xformers on CUDA when installed, else SDPA."
     )
     activation_checkpointing: bool = Field(False, description="Recompute each block in backward (saves memory).")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block's forward (student and teacher); off by default: "
+        "on 2 CPU cores it did not pay (benchmarks/results/2026-12-01-step-vs-reference-cpu.md).",
+    )
 
 
 class CropsConfig(_Section):

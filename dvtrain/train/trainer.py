@@ -120,6 +120,7 @@ def meta_arch_config_from_recipe(recipe: Recipe):
         ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
         ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
         center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
+        compile_blocks=m.compile,
     )
 
 
