@@ -1,7 +1,7 @@
 """Where the time of one DINOv2 training step goes: timing and profiling of the real step.
 
 Builds the real :class:`dvtrain.train.trainer.Trainer` (DeepSpeed ZeRO stage 3 or 0, one process) or a
-plain-torch step (``torch.optim.AdamW`` + per-module ``clip_grad_norm_`` + ``SSLMetaArch.update_teacher``,
+plain-torch step (``torch.optim.AdamW(fused=True)``, as the engine, + per-module ``clip_grad_norm_`` + ``SSLMetaArch.update_teacher``,
 autocast for bf16) for a recipe, feeds it synthetic collated batches of the recipe's shapes (random
 pixels, real ``collate_multicrop`` masks) and either times the steps or profiles them:
 
@@ -146,7 +146,7 @@ def build_variant(recipe, variant: str):
     groups = model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult)
     for gr in groups:
         gr.pop("names", None)
-    opt = torch.optim.AdamW(groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=0.0, betas=o.betas, eps=o.eps, weight_decay=0.0, fused=True)  # as the engine
     model.train()
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     it = [0]
