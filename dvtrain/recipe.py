@@ -114,8 +114,9 @@ class ModelConfig(_Section):
     )
     activation_checkpointing: bool = Field(False, description="Recompute each block in backward (saves memory).")
     compile: bool = Field(
-        False, description="torch.compile each transformer block's forward (student and teacher); off by default: "
-        "on 2 CPU cores it did not pay (benchmarks/results/2026-12-01-step-vs-reference-cpu.md).",
+        False, description="torch.compile each transformer block's forward (student and teacher). Steady-state step "
+        "0.80-0.95x on the smoke recipe (2 CPU cores), but the first compile (8-60 s) eats that in a 5-minute run; "
+        "on for long runs (benchmarks/results/2026-12-01-step-vs-reference-cpu.md).",
     )
 
 

@@ -219,3 +219,23 @@ def test_compiled_block_gradients_equal_eager_fp64():
         torch.set_default_dtype(dtype)
     for n, g in grads[1].items():
         torch.testing.assert_close(grads[0][n], g, rtol=1e-9, atol=1e-12 * g.abs().max().item(), msg=n)
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_packed_blocks_forward_backward_bf16():
+    compiled, eager = pair(drop_path_rate=0.2)
+    compiled, eager = compiled.cuda(), eager.cuda()
+    compiled.compile_blocks()
+    x, masks = crops()
+    x = [t.cuda() for t in x]
+    masks = [masks[0].cuda(), None]
+    for model in (compiled, eager):
+        model.eval()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model.out = model.forward_features_list(x, masks)
+    torch.testing.assert_close(compiled.out[0]["x_prenorm"].float(), eager.out[0]["x_prenorm"].float(),
+                               rtol=0, atol=5e-2)
+    compiled.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss_of(compiled.forward_features_list(x, masks)).float().backward()
+    assert all(torch.isfinite(p.grad).all() for p in compiled.parameters() if p.grad is not None)
