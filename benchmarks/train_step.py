@@ -3,7 +3,7 @@
 Both variants run the same SSLMetaArch (same recipe, seed and batches) on one process and time the
 phases of ``dvtrain.train.trainer.Trainer.train_step``: teacher+student forward, backward, optimizer
 step (AdamW with the DINOv2 parameter groups, per-module or global clipping), center update and
-teacher EMA. The plain variant is ``torch.optim.AdamW`` + ``clip_grad_norm_`` + ``SSLMetaArch.update_teacher``.
+teacher EMA. The plain variant is ``torch.optim.AdamW(fused=True)`` (as the engine) + ``clip_grad_norm_`` + ``SSLMetaArch.update_teacher``.
 Plain and ZeRO-3 steps run interleaved in one process so that both see the same machine load (the
 CPU test machine is shared). Activation checkpointing is measured on ZeRO-3 in separate processes:
 activation memory = bytes of the tensors autograd saves for backward (CPU) or
@@ -147,7 +147,7 @@ def build_variant(args, variant: str, recipe=None, info: dict | None = None):
         o = recipe.optim
         sched = schedules_from_recipe(recipe, 1)
         opt = torch.optim.AdamW(model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult), lr=0.0,
-                                betas=o.betas, eps=o.eps, weight_decay=0.0)
+                                betas=o.betas, eps=o.eps, weight_decay=0.0, fused=True)  # as the engine
         model.train()
         autocast = torch.autocast("cuda" if cuda else "cpu", dtype=dtype, enabled=dtype != torch.float32)
 

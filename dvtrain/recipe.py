@@ -113,6 +113,11 @@ class ModelConfig(_Section):
         "auto", description="Attention kernel: auto = xformers on CUDA when installed, else SDPA."
     )
     activation_checkpointing: bool = Field(False, description="Recompute each block in backward (saves memory).")
+    compile: bool = Field(
+        False, description="torch.compile each transformer block's forward (student and teacher). Steady-state step "
+        "0.80-0.95x on the smoke recipe (2 CPU cores), but the first compile (8-60 s) eats that in a 5-minute run; "
+        "on for long runs (benchmarks/results/2026-12-01-step-vs-reference-cpu.md).",
+    )
 
 
 class CropsConfig(_Section):

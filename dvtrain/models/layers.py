@@ -69,18 +69,23 @@ def _has_xformers() -> bool:
     return xformers_ops() is not None
 
 
-def select_attn_impl(requested: str, is_cuda: bool, xformers_available: bool) -> str:
+def select_attn_impl(
+    requested: str, is_cuda: bool, xformers_available: bool, dtype: torch.dtype | None = None
+) -> str:
     """Decide which attention kernel runs for one call.
 
     Args:
         requested: "auto", "sdpa", "xformers" or "math".
         is_cuda: whether q/k/v live on a CUDA device.
         xformers_available: whether `xformers.ops` imports.
+        dtype: dtype of q/k/v (None = unknown, treated as fp32).
 
     Returns:
         "xformers" only when it is requested (or "auto") AND installed AND the tensors are on CUDA;
-        "math" when requested; otherwise "sdpa". xformers is never used on CPU, so an installed
-        xformers cannot make CPU runs fail.
+        "math" when requested, or for "auto" on CPU with fp16/bf16 tensors (torch's CPU flash kernel
+        runs the backward of many short half-precision sequences ~8x slower than matmul-softmax-matmul;
+        measured in benchmarks/results/2026-12-01-step-profile-cpu.md); otherwise "sdpa". xformers is
+        never used on CPU, so an installed xformers cannot make CPU runs fail.
 
     Raises:
         ValueError: unknown `requested`, or "xformers" requested explicitly but not installed.
@@ -96,7 +101,30 @@ def select_attn_impl(requested: str, is_cuda: bool, xformers_available: bool) ->
         )
     if requested in ("auto", "xformers") and xformers_available and is_cuda:
         return "xformers"
+    if requested == "auto" and not is_cuda and dtype in (torch.float16, torch.bfloat16):
+        return "math"
     return "sdpa"
+
+
+SeqGroups = tuple[tuple[int, int], ...]
+"""Layout of a packed token sequence: ((B_0, N_0), (B_1, N_1), ...) = B_i sequences of N_i tokens each,
+stored one after the other as rows of a [sum_i B_i * N_i, D] tensor (e.g. 2B global crops, then nB
+local crops). Attention never crosses a sequence (block-diagonal structure)."""
+
+
+def packed_offsets(groups: SeqGroups) -> list[int]:
+    """Row offsets of each group in a packed [T, D] tensor (length len(groups) + 1; last = T)."""
+    offsets = [0]
+    for b, n in groups:
+        offsets.append(offsets[-1] + b * n)
+    return offsets
+
+
+@functools.lru_cache(maxsize=64)
+def _xformers_block_diagonal_mask(groups: SeqGroups):
+    """xformers `fmha.BlockDiagonalMask` for a packed layout (cached per layout, as the reference)."""
+    fmha = importlib.import_module("xformers.ops.fmha")
+    return fmha.BlockDiagonalMask.from_seqlens([n for b, n in groups for _ in range(b)])
 
 
 _XFORMERS_FALLBACK_WARNED = False
@@ -161,30 +189,78 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x_BND: Tensor) -> Tensor:
-        """Args: x_BND [B, N, D]. Returns: [B, N, D], same dtype."""
-        B, N, D = x_BND.shape
+    def forward(self, x: Tensor, seq_groups: SeqGroups | None = None) -> Tensor:
+        """Self-attention over [B, N, D] sequences, or over a packed token sequence.
+
+        Args:
+            x: [B, N, D]; or, with `seq_groups`, packed tokens [T, D] (T = sum B_i * N_i).
+            seq_groups: packed layout (see `SeqGroups`); attention stays inside each sequence
+                (block-diagonal), as the reference's `MemEffAttention` with `BlockDiagonalMask`.
+
+        Returns:
+            Same shape and dtype as `x`.
+        """
+        if seq_groups is not None:
+            return self._forward_packed(x, seq_groups)
+        B, N, D = x.shape
         H = self.num_heads
-        qkv_BN3HK = self.qkv(x_BND).reshape(B, N, 3, H, D // H)
-        # xformers is imported only where it could be used (CUDA, or when asked for by name)
-        ops = xformers_ops() if x_BND.is_cuda or self.attn_impl == "xformers" else None
-        impl = select_attn_impl(self.attn_impl, x_BND.is_cuda, ops is not None)
+        qkv_BN3HK = self.qkv(x).reshape(B, N, 3, H, D // H)
+        impl = self._impl(qkv_BN3HK)
         if impl == "xformers":
             q_BNHK, k_BNHK, v_BNHK = qkv_BN3HK.unbind(2)
             try:
-                return self.proj(ops.memory_efficient_attention(q_BNHK, k_BNHK, v_BNHK).reshape(B, N, D))
+                return self.proj(xformers_ops().memory_efficient_attention(q_BNHK, k_BNHK, v_BNHK).reshape(B, N, D))
             except NotImplementedError as exc:  # no xformers operator for these inputs / this build
                 if self.attn_impl != "auto":
                     raise
                 _warn_xformers_fallback(exc)
                 impl = "sdpa"
-        q_BHNK, k_BHNK, v_BHNK = qkv_BN3HK.permute(2, 0, 3, 1, 4).unbind(0)
-        if impl == "sdpa":
-            out_BHNK = F.scaled_dot_product_attention(q_BHNK, k_BHNK, v_BHNK)
-        else:
-            out_BHNK = math_attention(q_BHNK, k_BHNK, v_BHNK)
-        out_BND = out_BHNK.transpose(1, 2).reshape(B, N, D)
+        out_BND = self._attend(qkv_BN3HK, impl)
         return self.proj(out_BND)
+
+    def _impl(self, qkv: Tensor) -> str:
+        # xformers is imported only where it could be used (CUDA, or when asked for by name)
+        ops = xformers_ops() if qkv.is_cuda or self.attn_impl == "xformers" else None
+        return select_attn_impl(self.attn_impl, qkv.is_cuda, ops is not None, qkv.dtype)
+
+    @staticmethod
+    def _attend(qkv_BN3HK: Tensor, impl: str) -> Tensor:
+        """Attention of B equal-length sequences with SDPA or the math path; returns [B, N, H*K]."""
+        B, N, _, H, K = qkv_BN3HK.shape
+        q_BHNK, k_BHNK, v_BHNK = qkv_BN3HK.permute(2, 0, 3, 1, 4).unbind(0)
+        if impl == "math":
+            out_BHNK = math_attention(q_BHNK, k_BHNK, v_BHNK)
+        else:
+            out_BHNK = F.scaled_dot_product_attention(q_BHNK, k_BHNK, v_BHNK)
+        return out_BHNK.transpose(1, 2).reshape(B, N, H * K)
+
+    def _forward_packed(self, x_TD: Tensor, groups: SeqGroups) -> Tensor:
+        """Packed attention: one qkv and one proj GEMM over all T tokens; the attention itself per
+        group of equal-length sequences (batched SDPA / math), or one xformers call with a
+        `BlockDiagonalMask` on CUDA."""
+        T, D = x_TD.shape
+        H = self.num_heads
+        qkv_T3HK = self.qkv(x_TD).reshape(T, 3, H, D // H)
+        impl = self._impl(qkv_T3HK)
+        if impl == "xformers":
+            q_1THK, k_1THK, v_1THK = qkv_T3HK.unsqueeze(0).unbind(2)
+            try:
+                out = xformers_ops().memory_efficient_attention(
+                    q_1THK, k_1THK, v_1THK, attn_bias=_xformers_block_diagonal_mask(tuple(groups))
+                )
+                return self.proj(out.reshape(T, D))
+            except NotImplementedError as exc:
+                if self.attn_impl != "auto":
+                    raise
+                _warn_xformers_fallback(exc)
+                impl = "sdpa"
+        offsets = packed_offsets(groups)
+        outs = [
+            self._attend(qkv_T3HK[lo:hi].view(b, n, 3, H, D // H), impl).reshape(b * n, D)
+            for (b, n), lo, hi in zip(groups, offsets[:-1], offsets[1:])
+        ]
+        out_TD = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return self.proj(out_TD)
 
 
 class Mlp(nn.Module):
@@ -312,11 +388,53 @@ def drop_add_residual_stochastic_depth(
     return out.view_as(x_BND)
 
 
+def drop_add_residual_stochastic_depth_packed(
+    x_TD: Tensor,
+    groups: SeqGroups,
+    residual_fn: Callable[[Tensor, SeqGroups], Tensor],
+    sample_drop_ratio: float,
+) -> Tensor:
+    """Sample-subset stochastic depth on a packed sequence, per group (crop batch).
+
+    Reference: dinov2/layers/block.py `drop_add_residual_stochastic_depth_list` (the training path
+    of `NestedTensorBlock.forward_nested` for every drop rate > 0): for each group, in order, the
+    branch runs on `max(int(B_i * (1 - ratio)), 1)` sequences drawn by `randperm(B_i)`, all kept
+    sequences packed into one call; each group adds its residual with weight `B_i / subset_i`.
+
+    Args:
+        x_TD: [T, D] packed block input. groups: its layout (`SeqGroups`).
+        residual_fn: (packed kept tokens [T', D], their layout) -> [T', D].
+        sample_drop_ratio: drop rate in (0, 1).
+
+    Returns:
+        [T, D] x plus the scaled residual on the kept sequences.
+    """
+    D = x_TD.shape[-1]
+    offsets = packed_offsets(groups)
+    x_groups, keeps, kept_groups = [], [], []
+    for (b, n), lo, hi in zip(groups, offsets[:-1], offsets[1:]):
+        subset = max(int(b * (1 - sample_drop_ratio)), 1)
+        keeps.append(torch.randperm(b, device=x_TD.device)[:subset])
+        x_groups.append(x_TD[lo:hi].reshape(b, n * D))
+        kept_groups.append((subset, n))
+    kept_TD = torch.cat([xg.index_select(0, k).reshape(-1, D) for xg, k in zip(x_groups, keeps)])
+    kept_groups_t = tuple(kept_groups)
+    residual_TD = residual_fn(kept_TD, kept_groups_t)
+    kept_offsets = packed_offsets(kept_groups_t)
+    out = []
+    for i, (b, n) in enumerate(groups):
+        subset = kept_groups[i][0]
+        res = residual_TD[kept_offsets[i] : kept_offsets[i + 1]].reshape(subset, n * D).to(x_TD.dtype)
+        out.append(torch.index_add(x_groups[i], 0, keeps[i], res, alpha=b / subset).reshape(b * n, D))
+    return torch.cat(out)
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
 
-    Reference: dinov2/layers/block.py `Block`. Stochastic depth: none at rate 0; per-sample
-    `drop_path` for rates in (0, 0.1]; the sample-subset variant above 0.1 (as the reference).
+    Reference: dinov2/layers/block.py `Block` and `NestedTensorBlock`. Stochastic depth on [B, N, D]
+    input: none at rate 0; per-sample `drop_path` for rates in (0, 0.1]; the sample-subset variant
+    above 0.1 (as the reference). On packed input: the per-group sample-subset variant at any rate.
 
     Args:
         dim: D. num_heads: H. mlp_ratio: FFN hidden = int(D * mlp_ratio) (SwiGLU: then
@@ -358,25 +476,43 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.sample_drop_ratio = float(drop_path)
 
-    def _attn_residual(self, x_BND: Tensor) -> Tensor:
-        return self.ls1(self.attn(self.norm1(x_BND)))
+    def _attn_residual(self, x: Tensor, seq_groups: SeqGroups | None = None) -> Tensor:
+        return self.ls1(self.attn(self.norm1(x), seq_groups))
 
-    def _ffn_residual(self, x_BND: Tensor) -> Tensor:
-        return self.ls2(self.mlp(self.norm2(x_BND)))
+    def _ffn_residual(self, x: Tensor, seq_groups: SeqGroups | None = None) -> Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
 
-    def forward(self, x_BND: Tensor) -> Tensor:
-        """Args: x_BND [B, N, D]. Returns: [B, N, D]."""
+    def forward(self, x: Tensor, seq_groups: SeqGroups | None = None) -> Tensor:
+        """One block over [B, N, D] sequences, or over a packed token sequence.
+
+        Args:
+            x: [B, N, D]; or, with `seq_groups`, packed tokens [T, D] of several crop batches
+                (reference `NestedTensorBlock.forward_nested`): norms, FFN and LayerScale run once over
+                all T tokens, attention stays inside each sequence. Training with drop path > 0 then
+                uses the per-group sample-subset variant for every rate, as the reference's packed
+                path (`drop_add_residual_stochastic_depth_packed`).
+            seq_groups: packed layout (see `SeqGroups`), or None.
+
+        Returns:
+            Same shape and dtype as `x`.
+        """
         p = self.sample_drop_ratio
+        if seq_groups is not None:
+            if self.training and p > 0.0:
+                x = drop_add_residual_stochastic_depth_packed(x, seq_groups, self._attn_residual, p)
+                return drop_add_residual_stochastic_depth_packed(x, seq_groups, self._ffn_residual, p)
+            x = x + self._attn_residual(x, seq_groups)
+            return x + self._ffn_residual(x)
         if self.training and p > 0.1:
-            x_BND = drop_add_residual_stochastic_depth(x_BND, self._attn_residual, p)
-            x_BND = drop_add_residual_stochastic_depth(x_BND, self._ffn_residual, p)
+            x = drop_add_residual_stochastic_depth(x, self._attn_residual, p)
+            x = drop_add_residual_stochastic_depth(x, self._ffn_residual, p)
         elif self.training and p > 0.0:
-            x_BND = x_BND + drop_path(self._attn_residual(x_BND), p, True)
-            x_BND = x_BND + drop_path(self._ffn_residual(x_BND), p, True)
+            x = x + drop_path(self._attn_residual(x), p, True)
+            x = x + drop_path(self._ffn_residual(x), p, True)
         else:
-            x_BND = x_BND + self._attn_residual(x_BND)
-            x_BND = x_BND + self._ffn_residual(x_BND)
-        return x_BND
+            x = x + self._attn_residual(x)
+            x = x + self._ffn_residual(x)
+        return x
 
 
 class PatchEmbed(nn.Module):

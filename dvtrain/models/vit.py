@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from dvtrain.models.layers import Block, LayerScale, PatchEmbed
+from dvtrain.models.layers import Block, LayerScale, PatchEmbed, SeqGroups, packed_offsets
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,9 @@ class DinoVisionTransformer(nn.Module):
         interpolate_antialias: antialias when resampling the table (register models: True).
         attn_impl: "auto" | "sdpa" | "xformers" | "math" (see `layers.select_attn_impl`).
         activation_checkpointing: recompute each block in backward (training with grad only).
+        packed_multicrop: `forward_features_list` runs each block once over all crop batches packed
+            into one token sequence (reference `forward_features_list` + `NestedTensorBlock`); False =
+            each block once per crop batch (same results up to fp roundoff, drop path aside).
 
     Raises:
         ValueError: inconsistent sizes, negative counts or unknown options.
@@ -134,6 +137,7 @@ class DinoVisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
         attn_impl: str = "auto",
         activation_checkpointing: bool = False,
+        packed_multicrop: bool = True,
     ) -> None:
         super().__init__()
         img_hw = _pair(img_size, "img_size")
@@ -155,6 +159,7 @@ class DinoVisionTransformer(nn.Module):
         self.interpolate_offset = float(interpolate_offset)
         self.interpolate_antialias = bool(interpolate_antialias)
         self.activation_checkpointing = activation_checkpointing
+        self.packed_multicrop = bool(packed_multicrop)
         # grid of the position table, kept as ints (parameter shapes are not reliable under ZeRO-3)
         self.pos_embed_grid = (img_hw[0] // patch_size, img_hw[1] // patch_size)
         num_patches = self.pos_embed_grid[0] * self.pos_embed_grid[1]
@@ -256,14 +261,32 @@ class DinoVisionTransformer(nn.Module):
             x_BTD = torch.cat((x_BTD[:, :1], reg_BRD, x_BTD[:, 1:]), dim=1)
         return x_BTD
 
-    def _run_block(self, blk: nn.Module, x_BTD: Tensor) -> Tensor:
+    def _run_block(self, blk: nn.Module, x: Tensor, seq_groups: SeqGroups | None = None) -> Tensor:
+        # the module call (not blk.forward): ZeRO-3's hooks gather the block's parameters there
+        args = (x,) if seq_groups is None else (x, seq_groups)
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, x_BTD, use_reentrant=False)
-        return blk(x_BTD)
+            return torch.utils.checkpoint.checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
 
-    def _outputs(self, x_BTD: Tensor, masks_BN: Tensor | None) -> dict:
+    def compile_blocks(self, **compile_kwargs) -> None:
+        """`torch.compile` each block's `forward` (not the module call), in place.
+
+        The module call and its hooks stay eager, so DeepSpeed ZeRO-3 still gathers a block's
+        parameters before the compiled code runs (dinov3 also compiles per block). Compiling twice
+        is a no-op.
+
+        Args:
+            **compile_kwargs: passed to `torch.compile` (e.g. `dynamic=False`, `mode=...`).
+        """
+        for blk in self.blocks:
+            if not getattr(blk, "_dvtrain_compiled", False):
+                blk.forward = torch.compile(blk.forward, **compile_kwargs)
+                blk._dvtrain_compiled = True
+
+    def _outputs(self, x_BTD: Tensor, masks_BN: Tensor | None, x_norm_BTD: Tensor | None = None) -> dict:
         R = self.num_register_tokens
-        x_norm_BTD = self.norm(x_BTD)
+        if x_norm_BTD is None:
+            x_norm_BTD = self.norm(x_BTD)
         return {
             "x_norm_clstoken": x_norm_BTD[:, 0],
             "x_norm_regtokens": x_norm_BTD[:, 1 : 1 + R],
@@ -274,19 +297,23 @@ class DinoVisionTransformer(nn.Module):
 
     # ------------------------------------------------------------------ forwards
     def forward_features_list(self, x_list: list[Tensor], masks_list: list[Tensor | None] | None = None) -> list[dict]:
-        """Run several crop batches (e.g. 2B global + 8B local crops) through the blocks in one pass.
+        """Run several crop batches (e.g. 2B global + nB local crops) through the blocks in one pass.
 
-        Reference: `forward_features_list` (which concatenates the crops for xformers). Here each
-        block is applied to every crop batch in turn (block-outer loop), so each block's
-        parameters are fetched once per forward under ZeRO-3; results are identical to separate
-        `forward_features` calls.
+        Reference: `forward_features_list` with `NestedTensorBlock` and xformers' `BlockDiagonalMask`.
+        With `packed_multicrop` (default) the tokens of all crop batches are concatenated into one
+        packed [T, D] sequence and each block runs ONCE over it (attention block-diagonal: per
+        sequence; norms, FFN, LayerScale over all T tokens at once), then the final norm runs once.
+        Without it, each block runs once per crop batch. Both equal separate `forward_features` calls
+        up to fp roundoff in eval mode; in training with drop path the packed path drops sequences
+        per crop batch as the reference's packed path does (see `layers.Block.forward`).
 
         Args:
             x_list: list of [B_i, C, H_i, W_i] image batches.
             masks_list: list of [B_i, N_i] bool masks or None, same length; None = no masks.
 
         Returns:
-            list of dicts as `forward_features`, one per input, in order.
+            list of dicts as `forward_features`, one per input, in order (tensors are views into the
+            packed result).
 
         Raises:
             ValueError: the two lists differ in length (plus `prepare_tokens_with_masks` errors).
@@ -296,9 +323,21 @@ class DinoVisionTransformer(nn.Module):
         if len(masks_list) != len(x_list):
             raise ValueError(f"got {len(x_list)} crop batches but {len(masks_list)} masks (use None for no mask)")
         xs = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
+        if not self.packed_multicrop or len(xs) == 1:
+            for blk in self.blocks:
+                xs = [self._run_block(blk, x) for x in xs]
+            return [self._outputs(x, m) for x, m in zip(xs, masks_list)]
+        D = xs[0].shape[-1]
+        groups: SeqGroups = tuple((int(x.shape[0]), int(x.shape[1])) for x in xs)
+        x_TD = torch.cat([x.reshape(-1, D) for x in xs])
         for blk in self.blocks:
-            xs = [self._run_block(blk, x) for x in xs]
-        return [self._outputs(x, m) for x, m in zip(xs, masks_list)]
+            x_TD = self._run_block(blk, x_TD, groups)
+        x_norm_TD = self.norm(x_TD)
+        offsets = packed_offsets(groups)
+        outs = []
+        for (b, n), lo, hi, m in zip(groups, offsets[:-1], offsets[1:], masks_list):
+            outs.append(self._outputs(x_TD[lo:hi].view(b, n, D), m, x_norm_TD[lo:hi].view(b, n, D)))
+        return outs
 
     def forward_features(self, x_BCHW: Tensor | list[Tensor], masks: Tensor | list | None = None) -> dict | list[dict]:
         """Backbone features of one image batch (a list is passed to `forward_features_list`).

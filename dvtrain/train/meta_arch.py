@@ -1,8 +1,9 @@
 """Student / teacher meta-architecture producing the DINOv2 loss terms.
 
 Follows ``dinov2/train/ssl_meta_arch.py`` (``SSLMetaArch.forward_backward``) without the backward
-pass, FSDP and xformers block-diagonal tricks: ``forward`` returns the named loss terms and their
-weighted total; the engine runs backward / step.
+pass and FSDP: ``forward`` returns the named loss terms and their weighted total; the engine runs
+backward / step. As the reference, the student runs its global and local crops as one packed token
+sequence per block (``DinoVisionTransformer.forward_features_list``).
 
 Structure (so one engine wraps the whole module and student and teacher are partitioned the same
 way by construction): ``student = ModuleDict(backbone, dino_head[, ibot_head])``; ``teacher`` is a
@@ -64,6 +65,8 @@ class MetaArchConfig:
         center_momentum: center EMA momentum (0.9).
         num_global_crops: must be 2.
         num_local_crops: n local crops per image (8; 0 allowed).
+        compile_blocks: ``torch.compile`` every block's forward of student and teacher backbones
+            (:meth:`dvtrain.models.vit.DinoVisionTransformer.compile_blocks`).
     """
 
     arch: str = "vit_small"
@@ -85,6 +88,7 @@ class MetaArchConfig:
     center_momentum: float = 0.9
     num_global_crops: int = 2
     num_local_crops: int = 8
+    compile_blocks: bool = False
 
     def validate(self) -> None:
         """Raises ValueError for unsupported values (naming the field and what is valid)."""
@@ -137,6 +141,9 @@ class SSLMetaArch(nn.Module):
         self.teacher = copy.deepcopy(self.student)
         for p in self.teacher.parameters():
             p.requires_grad_(False)
+        if cfg.compile_blocks:  # after the deep copy: each backbone gets its own compiled forwards
+            self.student.backbone.compile_blocks()
+            self.teacher.backbone.compile_blocks()
 
         self.dino_loss = DINOLoss(cfg.dino_head_n_prototypes, cfg.student_temp, cfg.center_momentum)
         ibot_dim = cfg.ibot_head_n_prototypes if cfg.ibot_separate_head else cfg.dino_head_n_prototypes
@@ -335,4 +342,5 @@ def meta_arch_config_from_recipe(recipe: Any) -> MetaArchConfig:
         ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
         ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
         center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
+        compile_blocks=m.compile,
     )

@@ -110,6 +110,14 @@ def schedules_from_recipe(recipe: Recipe, world_size: int = 1) -> Schedules:
     )
 
 
+def _leaf_module_classes(recipe: Recipe) -> tuple[type, ...]:
+    """ZeRO-3 leaf modules: the ViT block (one gather per block), unless activation checkpointing re-runs
+    blocks in backward."""
+    from dvtrain.models.layers import Block  # noqa: PLC0415
+
+    return () if recipe.model.activation_checkpointing else (Block,)
+
+
 def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -152,11 +160,10 @@ class Trainer:
         self.engine = ShardedTeacherEngine(
             model, groups, resolve_ds_config(recipe, self.dist.world_size),
             EngineConfig(betas=tuple(o.betas), eps=o.eps, clip_grad=o.clip_grad, clip_mode=o.clip_mode,
-                         # No ZeRO-3 leaf modules: the backbone runs each block once per crop batch, and
-                         # DeepSpeed's leaf-module backward hook then reduces a gradient twice (assertion in
-                         # __reduce_and_partition_ipg_grads). Per-sub-module fetches are bucketed by the
-                         # prefetcher (stage3_prefetch_bucket_size) instead.
-                         leaf_module_classes=()),
+                         # ZeRO-3 leaf modules: the backbone runs each block ONCE per forward (packed
+                         # multi-crop), so a block is one gather unit (a block called twice would reduce its
+                         # gradient twice: assertion in __reduce_and_partition_ipg_grads).
+                         leaf_module_classes=_leaf_module_classes(recipe)),
         )
         self.model = self.engine.module
         self.model.train()
