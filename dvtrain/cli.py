@@ -45,6 +45,9 @@ def validate(
     r = load_recipe(recipe, overrides or [])
     d = derive(r, world_size)
     resolve_ds_config(r, world_size)
+    from dvtrain.models.init_from import check_init_from
+
+    check_init_from(r)
     out_console.print(
         f"ok {recipe}: {r.model.arch}/{r.model.patch_size} (ffn={r.model.ffn_layer}, "
         f"registers={r.model.num_register_tokens}), {r.precision} ZeRO-{r.zero.stage}, "
@@ -72,6 +75,13 @@ def show(
     out_console.print(json.dumps(d.model_dump(), indent=2), markup=False)
     out_console.print("# deepspeed config", markup=False)
     out_console.print(json.dumps(ds, indent=2), markup=False)
+    from dvtrain.flops import model_summary
+
+    out_console.print(f"# networks (global batch {d.global_batch})", markup=False)
+    for row in model_summary(r, world_size):
+        out_console.print(f"{row['network']}: {row['parameters'] / 1e6:.3f}M parameters, "
+                          f"{row['flops_per_step'] / 1e12:.4g} TFLOPs per step "
+                          f"({row['flops_per_image'] / 1e9:.4g} GFLOPs per image)", markup=False)
 
 
 bench_app = typer.Typer(help="Microbenchmarks (kernels against eager torch and torch.compile).", no_args_is_help=True)

@@ -84,6 +84,20 @@ def train_flops_per_image(
         masked_fraction: expected fraction of a global crop's patches that are masked (0.5 of the crops
             are masked with a ratio uniform in [0.1, 0.5]: 0.15 on average).
     """
+    student_fwd, teacher_fwd = ssl_forward_flops(backbone, dino_head, ibot_head, global_size, local_size,
+                                                 num_local_crops, masked_fraction)
+    return 3 * student_fwd + teacher_fwd
+
+
+def ssl_forward_flops(
+    backbone: ViTShape, dino_head: HeadShape, ibot_head: HeadShape | None, global_size: int, local_size: int,
+    num_local_crops: int, masked_fraction: float = 0.15,
+) -> tuple[int, int]:
+    """(student forward, teacher forward) FLOPs of one image; the student's training cost is 3 x its forward.
+
+    The teacher term is the forward of a teacher shaped by ``backbone`` / heads on the 2 global crops, so
+    it also counts a distillation teacher when called with the teacher's shapes.
+    """
     ibot = ibot_head or dino_head
     g_fwd = vit_forward_flops(backbone, global_size)
     l_fwd = vit_forward_flops(backbone, local_size) if num_local_crops else 0
@@ -91,7 +105,97 @@ def train_flops_per_image(
     student_fwd = 2 * g_fwd + num_local_crops * l_fwd
     student_fwd += head_flops(dino_head, 2 + num_local_crops) + head_flops(ibot, int(round(masked_tokens)))
     teacher_fwd = 2 * g_fwd + head_flops(dino_head, 2) + head_flops(ibot, int(round(masked_tokens)))
-    return 3 * student_fwd + teacher_fwd
+    return student_fwd, teacher_fwd
+
+
+def vit_shape_from_kwargs(kwargs: dict) -> ViTShape:
+    """:class:`ViTShape` of ``DinoVisionTransformer`` constructor arguments (``checkpoint.backbone.backbone_kwargs``)."""
+    from dvtrain.models.layers import swiglu_hidden_dim
+
+    d = int(kwargs["embed_dim"])
+    hidden = int(d * float(kwargs.get("mlp_ratio", 4.0)))
+    if kwargs.get("ffn_layer", "mlp") == "swiglu":
+        hidden = swiglu_hidden_dim(hidden)
+    return ViTShape(d, int(kwargs["depth"]), hidden, kwargs.get("ffn_layer", "mlp"), int(kwargs["patch_size"]),
+                    int(kwargs.get("num_register_tokens", 0)), int(kwargs.get("in_chans", 3)))
+
+
+def _count(module_fn) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in module_fn().parameters())
+
+
+def model_summary(recipe, world_size: int = 1) -> list[dict]:
+    """Parameter counts and training FLOPs per step of each network a recipe runs (``dvtrain show``).
+
+    Rows: the student (trained: 3 x forward per image), and the teacher: the EMA copy of the student
+    (pretraining: one forward on the 2 global crops) or the frozen ``distill.teacher`` (distillation:
+    one forward on the 2 global crops; its shapes from the checkpoint's metadata, no weights read).
+
+    Args:
+        recipe: validated Recipe. world_size: ranks (the global batch multiplies per-image FLOPs).
+
+    Returns:
+        list of {"network", "parameters", "flops_per_image", "flops_per_step"}.
+    """
+    from dvtrain.checkpoint.backbone import backbone_template, read_backbone_config
+    from dvtrain.models.heads import DINOHead
+    from dvtrain.models.vit import DinoVisionTransformer
+    from dvtrain.recipe import derive
+
+    gb = derive(recipe, world_size).global_batch
+    lo, c = recipe.loss, recipe.crops
+    kw, _ = backbone_template(recipe)
+    s_shape = vit_shape_from_kwargs(kw)
+    frac = recipe.masking.sample_probability * sum(recipe.masking.ratio_min_max) / 2
+
+    def heads(loss, dim):
+        dino = HeadShape(dim, loss.head_hidden_dim, loss.bottleneck_dim, loss.num_prototypes, loss.head_nlayers)
+        ibot = (HeadShape(dim, loss.ibot_hidden_dim, loss.ibot_bottleneck_dim, loss.ibot_num_prototypes,
+                          loss.head_nlayers) if loss.ibot_separate_head else None)
+        return dino, ibot
+
+    def head_params(h):
+        return 0 if h is None else _count(lambda: DINOHead(h.in_dim, h.num_prototypes, h.hidden_dim, h.bottleneck_dim,
+                                                           h.nlayers))
+
+    backbone_params = _count(lambda: DinoVisionTransformer(**{k: (tuple(v) if isinstance(v, list) else v)
+                                                              for k, v in kw.items()}))
+    rows = []
+    if not recipe.distill.teacher:
+        dino, ibot = heads(lo, s_shape.embed_dim)
+        s_fwd, t_fwd = ssl_forward_flops(s_shape, dino, ibot, c.global_size, c.local_size, c.num_local_crops, frac)
+        n = backbone_params + head_params(dino) + head_params(ibot)
+        rows.append({"network": "student", "parameters": n, "flops_per_image": 3 * s_fwd})
+        rows.append({"network": "teacher (EMA of the student)", "parameters": n, "flops_per_image": t_fwd})
+    else:
+        from dvtrain.train.distill import _teacher_recipe, distill_objective
+
+        objective = distill_objective(recipe)
+        t_kw, _ = read_backbone_config(recipe.distill.teacher)
+        t_shape = vit_shape_from_kwargs(t_kw)
+        t_backbone = _count(lambda: DinoVisionTransformer(**{k: (tuple(v) if isinstance(v, list) else v)
+                                                             for k, v in t_kw.items()}))
+        if objective == "heads":
+            dino, ibot = heads(lo, s_shape.embed_dim)
+            s_fwd, _ = ssl_forward_flops(s_shape, dino, ibot, c.global_size, c.local_size, c.num_local_crops, frac)
+            t_dino, t_ibot = heads(_teacher_recipe(recipe.distill.teacher).loss, t_shape.embed_dim)
+            _, t_fwd = ssl_forward_flops(t_shape, t_dino, t_ibot, c.global_size, c.local_size, 0, frac)
+            s_params = backbone_params + head_params(dino) + head_params(ibot)
+            t_params = t_backbone + head_params(t_dino) + head_params(t_ibot)
+        else:
+            n_s = (c.global_size // s_shape.patch_size) ** 2
+            proj = 2 * s_shape.embed_dim * t_shape.embed_dim * (1 + n_s)  # cls + patch projections, per crop
+            s_fwd = 2 * (vit_forward_flops(s_shape, c.global_size) + proj)
+            t_fwd = 2 * vit_forward_flops(t_shape, c.global_size)
+            s_params = backbone_params + 2 * (s_shape.embed_dim + 1) * t_shape.embed_dim
+            t_params = t_backbone
+        rows.append({"network": f"student ({objective} distillation)", "parameters": s_params,
+                     "flops_per_image": 3 * s_fwd})
+        rows.append({"network": "frozen teacher", "parameters": t_params, "flops_per_image": t_fwd})
+    for row in rows:
+        row["flops_per_step"] = row["flops_per_image"] * gb
+    return rows
 
 
 # Dense peak FLOP/s per device for the training dtype (vendor datasheets, no sparsity).

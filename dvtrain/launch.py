@@ -172,7 +172,16 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world_size: int) -> b
     """
     resolve_ds_config(recipe, world_size)  # the per-rank batch >= 2 rule is part of recipe validation
     check_data_location(recipe.data.path)
-    return check_output_dir(run_dir, recipe, resume)
+    resuming = check_output_dir(run_dir, recipe, resume)
+    if not resuming:  # a resumed run reads its own checkpoint, never model.init_from
+        from dvtrain.models.init_from import check_init_from
+
+        check_init_from(recipe)
+    elif recipe.distill.teacher:
+        from dvtrain.train.distill import check_distill_teacher
+
+        check_distill_teacher(recipe)
+    return resuming
 
 
 # --------------------------------------------------------------------------------------------------

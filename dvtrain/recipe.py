@@ -96,9 +96,18 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Backbone (``dinov2/models/vision_transformer.py``)."""
 
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2"] = Field(
-        "vit_small", description="Backbone size: widths/depths/heads of the reference (vit_tiny: 192/12/3)."
+    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "from_init"] = Field(
+        "vit_small",
+        description="Backbone size: widths/depths/heads of the reference (vit_tiny: 192/12/3); from_init = the "
+        "architecture of model.init_from (patch, width, depth, heads, FFN, registers, position resampling).",
     )
+    init_from: str | None = Field(
+        None,
+        description="Start from these weights (student and teacher): a dinov2 hub or training checkpoint, a Hugging "
+        "Face Dinov2 directory, a dvtrain export (.pth/.safetensors) or a dvtrain run directory (also its heads). "
+        "Ignored when the run resumes its own checkpoint.",
+    )
+    mlp_ratio: float | None = Field(None, gt=0.0, description="Override of the FFN hidden size / width (4); null = arch.")
     patch_size: int = Field(14, ge=1, description="Patch side in pixels (14 for released models, 16 for IN-1k).")
     embed_dim: int | None = Field(None, ge=8, description="Override of the arch's width (channels); null = arch.")
     depth: int | None = Field(None, ge=1, description="Override of the arch's number of blocks; null = arch.")
@@ -187,6 +196,14 @@ class OptimConfig(_Section):
         description="per_module = reference (backbone, DINO head, iBOT head each clipped); global = one norm.",
     )
     freeze_last_layer_epochs: float = Field(1, ge=0.0, description="Heads' last layer has lr 0 this long; epochs.")
+    freeze_backbone_iterations: int = Field(
+        0, ge=0, description="Backbone lr and weight decay are exactly 0 (student and teacher backbone fixed) while "
+        "the heads warm up; iterations. For fresh heads on a model.init_from backbone."
+    )
+    backbone_warmup_iterations: int | None = Field(
+        None, ge=0, description="After the freeze, the backbone lr rises linearly from 0 over this many iterations; "
+        "null = freeze_backbone_iterations."
+    )
     max_consecutive_skipped_steps: int = Field(
         50, ge=1, description="fp16: abort after this many consecutive overflow-skipped steps."
     )
@@ -201,6 +218,25 @@ class TeacherConfig(_Section):
     temp_warmup_start: float = Field(0.04, gt=0.0, description="Teacher temperature at iteration 0.")
     temp: float = Field(0.07, gt=0.0, description="Teacher temperature after the warmup.")
     temp_warmup_epochs: float = Field(30, ge=0.0, description="Linear teacher-temperature warmup; epochs.")
+
+
+class DistillConfig(_Section):
+    """Distillation from a frozen, larger teacher (DINOv2 paper section 5); off while ``teacher`` is null."""
+
+    teacher: str | None = Field(
+        None, description="Frozen teacher: a dvtrain run directory (backbone + DINO/iBOT heads) or any backbone "
+        "checkpoint model.init_from accepts. The recipe's model is the student."
+    )
+    objective: Literal["auto", "heads", "features"] = Field(
+        "auto", description="heads = the teacher's DINO/iBOT head outputs are the targets of the student's own heads "
+        "(the paper); features = CLS and patch features through learned projections; auto = heads when the "
+        "teacher has heads."
+    )
+    feature_loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="features objective: 1 - cosine similarity (default) or MSE of normalised features."
+    )
+    cls_weight: float = Field(1.0, ge=0.0, description="features objective: weight of the CLS-token term.")
+    patch_weight: float = Field(1.0, ge=0.0, description="features objective: weight of the patch-token term.")
 
 
 class ScheduleConfig(_Section):
@@ -296,6 +332,7 @@ class Recipe(BaseModel):
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     precision: Literal["fp16", "bf16", "fp32"] = Field("fp16", description="Training precision.")
@@ -350,10 +387,20 @@ class Recipe(BaseModel):
                     f"optim.clip_mode=per_module needs zero.stage=3 without offload (or stage 0 in fp32), got "
                     f"stage {z.stage}, offload {z.offload}, {self.precision}: use optim.clip_mode=global"
                 )
-        width = self.model.embed_dim or _ARCH_WIDTH_HEADS[self.model.arch][0]
-        heads = self.model.num_heads or _ARCH_WIDTH_HEADS[self.model.arch][1]
-        if width % heads:
-            problems.append(f"model.embed_dim={width} is not divisible by model.num_heads={heads}")
+        if self.model.arch == "from_init":
+            if not self.model.init_from:
+                problems.append("model.arch=from_init needs model.init_from (the checkpoint whose architecture to use)")
+        else:
+            width = self.model.embed_dim or _ARCH_WIDTH_HEADS[self.model.arch][0]
+            heads = self.model.num_heads or _ARCH_WIDTH_HEADS[self.model.arch][1]
+            if width % heads:
+                problems.append(f"model.embed_dim={width} is not divisible by model.num_heads={heads}")
+        total = int(round(self.schedule.epochs * self.schedule.iterations_per_epoch))
+        if self.optim.freeze_backbone_iterations >= total > 0 and self.optim.freeze_backbone_iterations:
+            problems.append(
+                f"optim.freeze_backbone_iterations={self.optim.freeze_backbone_iterations} is not below the run's "
+                f"{total} iterations: the backbone would never train"
+            )
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -603,9 +650,18 @@ def recipe_from_dict(data: Any, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError([f"{source}: a recipe is a YAML mapping of sections, got {type(data).__name__}"])
     try:
-        return Recipe.model_validate(data)
+        recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(_format_validation_error(exc, source)) from None
+    if recipe.model.arch == "from_init":
+        from dvtrain.models.init_from import resolve_arch_from_init  # noqa: PLC0415 - reads checkpoint metadata
+
+        try:
+            resolved = resolve_arch_from_init(recipe)
+        except ValueError as exc:
+            raise RecipeError([f"{source}: model.arch=from_init: {exc}"]) from None
+        return recipe_from_dict(resolved.model_dump(mode="json"), source)
+    return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:

@@ -265,9 +265,14 @@ def detect_checkpoint_format(path: str | Path) -> str:
 # loading
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, mmap: bool = False) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError:
+            if not mmap:
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mapped
     except Exception as exc:  # pickle / zip errors of many kinds
         raise ValueError(
             f"{path} cannot be read as a tensor checkpoint with torch.load(weights_only=True): {exc}. Expected {_ACCEPTED}"
@@ -281,8 +286,11 @@ def _check_which(which: str, fmt: str, holds: str = "teacher") -> None:
         raise ValueError(f"a {fmt} checkpoint holds one backbone (the {holds}); --which {which} needs a training checkpoint")
 
 
-def _load_dinov2_hub(path: Path, which: str) -> LoadedBackbone:
-    obj = _torch_load(path)
+def _dinov2_hub_tensors(path: Path, which: str, mmap: bool = False) -> dict[str, Tensor]:
+    """Backbone tensors (hub key names, maybe chunked) of a facebookresearch/dinov2 file: a hub state
+    dict, `teacher_checkpoint.pth` ({"teacher": {"backbone.*"}}), `model_*.pth` ({"model":
+    {"teacher.backbone.*", "student.backbone.*"}}) or a bare SSL state dict with those prefixes."""
+    obj = _torch_load(path, mmap=mmap)
     if not isinstance(obj, Mapping):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict; expected {_ACCEPTED}")
     prefix, holds = "", "teacher"
@@ -292,6 +300,10 @@ def _load_dinov2_hub(path: Path, which: str) -> LoadedBackbone:
         obj, prefix, holds = obj["model"], f"{which}.backbone.", which
     elif "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
+    if "cls_token" not in obj and f"{which}.backbone.cls_token" in obj:  # SSLMetaArch.state_dict()
+        prefix, holds = f"{which}.backbone.", which
+    elif "cls_token" not in obj and "backbone.cls_token" in obj:
+        prefix = "backbone."
     _check_which(which, "dinov2 hub", holds)
     tensors = {k: v for k, v in obj.items() if isinstance(v, Tensor)}
     if prefix:
@@ -302,6 +314,11 @@ def _load_dinov2_hub(path: Path, which: str) -> LoadedBackbone:
             f"{path} is not a DINOv2 backbone state dict (no cls_token / pos_embed{f' under {prefix!r}' if prefix else ''}; "
             f"first keys: {sample}); expected {_ACCEPTED}"
         )
+    return tensors
+
+
+def _load_dinov2_hub(path: Path, which: str) -> LoadedBackbone:
+    tensors = _dinov2_hub_tensors(path, which)
     check_full_shapes(tensors, None, str(path))
     model = build_from_hub({k: v.float() for k, v in tensors.items()}).eval()
     return LoadedBackbone(model, backbone_kwargs(model), "dinov2-hub", which, {"path": str(path)})
@@ -413,9 +430,10 @@ def _training_backbone_template(ckpt_dir: Path) -> tuple[dict[str, Any], dict[st
     return (*backbone_template(recipe), recipe)
 
 
-def _consolidate_teacher(ckpt_dir: Path, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
-    """Full fp32 teacher backbone from the per-rank EMA masters (`layout.TEACHER_FILE`): ZeRO-3
-    partitions joined in rank order (`join_partitions`); lower stages hold full tensors."""
+def _consolidate_teacher(ckpt_dir: Path, shapes: Mapping[str, torch.Size], prefix: str = "backbone.") -> dict[str, Tensor]:
+    """Full fp32 teacher `prefix` sub-module (default the backbone; `shapes` keyed relative to it) from the
+    per-rank EMA masters (`layout.TEACHER_FILE`): ZeRO-3 partitions joined in rank order
+    (`join_partitions`); lower stages hold full tensors."""
     files = sorted(ckpt_dir.glob(rank_files_glob(TEACHER_FILE)))
     if not files:
         raise ValueError(f"{ckpt_dir}: no teacher shards ({rank_file(TEACHER_FILE, 0)} ...)")
@@ -426,11 +444,11 @@ def _consolidate_teacher(ckpt_dir: Path, shapes: Mapping[str, torch.Size]) -> di
         raise ValueError(f"{ckpt_dir}: expected teacher shards of ranks 0..{world - 1}, found ranks {found}")
     out: dict[str, Tensor] = {}
     for i, name in enumerate(states[0]["names"]):
-        if not name.startswith("backbone."):
+        if not name.startswith(prefix):
             continue
-        key = name[len("backbone.") :]
+        key = name[len(prefix) :]
         if key not in shapes:
-            raise ValueError(f"{ckpt_dir}: teacher parameter {key!r} is not in the backbone its {RECIPE_FILE} builds")
+            raise ValueError(f"{ckpt_dir}: teacher parameter {key!r} is not in the {prefix.rstrip('.')} its {RECIPE_FILE} builds")
         parts = [st["masters"][i] for st in states] if stage == 3 else [states[0]["masters"][i]]
         out[key] = join_partitions(parts, shapes[key], f"{ckpt_dir}: teacher shards of {key}").float()
     return out
@@ -460,6 +478,95 @@ def _load_training(path: Path, which: str) -> LoadedBackbone:
     model = build_and_load(kwargs, state_dict, f"{ckpt_dir} ({which})")
     meta = {"path": str(ckpt_dir), "iteration": checkpoint_iteration(ckpt_dir), "recipe_name": recipe.name}
     return LoadedBackbone(model, kwargs, "dvtrain-training", which, meta)
+
+
+def read_backbone_config(path: str | Path, which: str = "teacher") -> tuple[dict[str, Any], str]:
+    """The backbone constructor arguments of a checkpoint without building or loading the model.
+
+    Cheap: JSON sidecars / `config.json` / `recipe.yaml`, the safetensors header, or a memory-mapped
+    `torch.load(weights_only=True, mmap=True)` of a dinov2 file (tensor shapes only are used).
+
+    Args:
+        path: any input `load_backbone` accepts. which: "teacher" or "student".
+
+    Returns:
+        (kwargs as `backbone_kwargs` gives them, format name from `FORMATS`).
+
+    Raises:
+        ValueError: what `detect_checkpoint_format` / the loaders raise for that input (missing,
+            truncated, not a state dict, neither a run nor an HF directory, ...).
+    """
+    from dvtrain.models.convert import hf_backbone_kwargs, hub_backbone_kwargs
+
+    path = Path(path)
+    fmt = detect_checkpoint_format(path)
+    if fmt == "dvtrain-training":
+        if which not in WHICH:
+            raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+        kwargs, _, _ = _training_backbone_template(_training_checkpoint_dir(path))
+        return kwargs, fmt
+    if fmt in (HUB_FORMAT, SAFETENSORS_FORMAT):
+        cfg = _read_json(export_config_path(path))
+        if cfg is None and fmt == SAFETENSORS_FORMAT:
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as exc:
+                raise ValueError(f"{path} is not a readable safetensors file: {exc}") from exc
+            cfg = json.loads(meta["dvtrain_config"]) if "dvtrain_config" in meta else None
+        if cfg is None or "backbone" not in cfg:
+            raise ValueError(f"{path}: no dvtrain export config ({export_config_path(path).name}); "
+                             "it was not written by `dvtrain export`")
+        _check_which(which, fmt, cfg.get("which", "teacher"))
+        return dict(cfg["backbone"]), fmt
+    if fmt == "hf":
+        provenance = _read_json(path / HF_PROVENANCE_FILE) or {}
+        _check_which(which, "Hugging Face", provenance.get("which", "teacher"))
+        kwargs = hf_backbone_kwargs(_read_json(path / "config.json") or {})
+        if "backbone" in provenance:
+            kwargs.update({k: provenance["backbone"][k] for k in ("interpolate_offset", "interpolate_antialias")})
+        return kwargs, fmt
+    tensors = _dinov2_hub_tensors(path, which, mmap=True)
+    return hub_backbone_kwargs(tensors), fmt
+
+
+def load_teacher_heads(path: str | Path) -> tuple[dict[str, dict[str, Tensor]], Any]:
+    """The teacher's DINO / iBOT heads of a dvtrain training checkpoint (consolidated fp32, any world size).
+
+    Args:
+        path: a dvtrain run directory, checkpoint root or `iter_N` directory.
+
+    Returns:
+        ({"dino_head": state dict[, "ibot_head": state dict]}, the checkpoint's `Recipe`); ({}, None)
+        for every other format (exports and foreign checkpoints hold a backbone only).
+
+    Raises:
+        ValueError: damaged teacher shards.
+    """
+    path = Path(path)
+    if detect_checkpoint_format(path) != "dvtrain-training":
+        return {}, None
+    from dvtrain.train.meta_arch import SSLMetaArch, meta_arch_config_from_recipe
+
+    ckpt_dir = _training_checkpoint_dir(path)
+    _, _, recipe = _training_backbone_template(ckpt_dir)
+    with torch.device("meta"):
+        template = SSLMetaArch(meta_arch_config_from_recipe(recipe)).teacher
+    heads = {}
+    for name, module in template.named_children():
+        if name == "backbone":
+            continue
+        shapes = {k: v.shape for k, v in module.state_dict().items()}
+        sd = _consolidate_teacher(ckpt_dir, shapes, prefix=f"{name}.")
+        if not sd:  # e.g. a feature-distillation run: its teacher has projections, no heads
+            continue
+        heads[name] = sd
+        missing = sorted(set(shapes) - set(heads[name]))
+        if missing:
+            raise ValueError(f"{ckpt_dir}: the teacher's {name} lacks {missing[:4]}; checkpoint damaged")
+    return heads, recipe
 
 
 def load_backbone(path: str | Path, which: str = "teacher", device: torch.device | str = "cpu") -> LoadedBackbone:
@@ -502,5 +609,7 @@ __all__ = [
     "detect_checkpoint_format",
     "export_config_path",
     "load_backbone",
+    "load_teacher_heads",
+    "read_backbone_config",
     "resampling_mode",
 ]

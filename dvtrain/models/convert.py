@@ -334,6 +334,41 @@ def _hf_get(config: Any, key: str, default: Any = None) -> Any:
     return config.get(key, default) if isinstance(config, Mapping) else getattr(config, key, default)
 
 
+def hf_backbone_kwargs(config: Any) -> dict[str, Any]:
+    """`DinoVisionTransformer` arguments of a Hugging Face Dinov2 config (object or `config.json` dict).
+
+    Positions are resampled as HF does (explicit size, antialias iff registers).
+
+    Raises:
+        ValueError: an activation other than exact "gelu" or a LayerNorm eps other than 1e-6.
+    """
+    act = _hf_get(config, "hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"HF config hidden_act={act!r}; only exact 'gelu' (as DINOv2) is supported")
+    eps = _hf_get(config, "layer_norm_eps", 1e-6)
+    if eps != 1e-6:
+        raise ValueError(f"HF config layer_norm_eps={eps}; DINOv2 backbones use 1e-6")
+    image_size, patch = _hf_get(config, "image_size", 224), _hf_get(config, "patch_size", 14)
+    if not isinstance(image_size, int):
+        image_size = tuple(image_size)
+    R = int(_hf_get(config, "num_register_tokens", 0) or 0)  # Dinov2Config has none
+    return {
+        "img_size": image_size,
+        "patch_size": patch,
+        "in_chans": _hf_get(config, "num_channels", 3),
+        "embed_dim": _hf_get(config, "hidden_size"),
+        "depth": _hf_get(config, "num_hidden_layers"),
+        "num_heads": _hf_get(config, "num_attention_heads"),
+        "mlp_ratio": _hf_get(config, "mlp_ratio", 4),
+        "ffn_layer": "swiglu" if _hf_get(config, "use_swiglu_ffn", False) else "mlp",
+        "qkv_bias": _hf_get(config, "qkv_bias", True),
+        "layerscale_init": _hf_get(config, "layerscale_value", 1.0) or 1.0,
+        "num_register_tokens": R,
+        "interpolate_offset": 0.0,
+        "interpolate_antialias": bool(R),
+    }
+
+
 def from_hf(hf_model_or_state_dict: Any, config: Any = None, **overrides) -> DinoVisionTransformer:
     """Build a backbone from a Hugging Face `Dinov2Model` / `Dinov2WithRegistersModel`.
 
@@ -367,32 +402,7 @@ def from_hf(hf_model_or_state_dict: Any, config: Any = None, **overrides) -> Din
     for prefix in ("dinov2.", "dinov2_with_registers."):
         if any(k.startswith(prefix + "embeddings.") for k in hf_sd):
             hf_sd = {k[len(prefix) :]: v for k, v in hf_sd.items() if k.startswith(prefix)}
-    act = _hf_get(config, "hidden_act", "gelu")
-    if act != "gelu":
-        raise ValueError(f"HF config hidden_act={act!r}; only exact 'gelu' (as DINOv2) is supported")
-    eps = _hf_get(config, "layer_norm_eps", 1e-6)
-    if eps != 1e-6:
-        raise ValueError(f"HF config layer_norm_eps={eps}; DINOv2 backbones use 1e-6")
-    image_size, patch = _hf_get(config, "image_size", 224), _hf_get(config, "patch_size", 14)
-    if not isinstance(image_size, int):
-        image_size = tuple(image_size)
-    R = int(_hf_get(config, "num_register_tokens", 0) or 0)  # Dinov2Config has none
-    kwargs = {
-        "img_size": image_size,
-        "patch_size": patch,
-        "in_chans": _hf_get(config, "num_channels", 3),
-        "embed_dim": _hf_get(config, "hidden_size"),
-        "depth": _hf_get(config, "num_hidden_layers"),
-        "num_heads": _hf_get(config, "num_attention_heads"),
-        "mlp_ratio": _hf_get(config, "mlp_ratio", 4),
-        "ffn_layer": "swiglu" if _hf_get(config, "use_swiglu_ffn", False) else "mlp",
-        "qkv_bias": _hf_get(config, "qkv_bias", True),
-        "layerscale_init": _hf_get(config, "layerscale_value", 1.0) or 1.0,
-        "num_register_tokens": R,
-        "interpolate_offset": 0.0,
-        "interpolate_antialias": bool(R),
-        **overrides,
-    }
+    kwargs = {**hf_backbone_kwargs(config), **overrides}
     model = DinoVisionTransformer(**kwargs)
     _, template = to_hf_state_dict(model)  # our keys <-> HF keys, by construction
     if "embeddings.mask_token" not in hf_sd:

@@ -424,7 +424,7 @@ class ShardedTeacherEngine:
         return [m if m is not None else self._teacher_local(p) for m, p in zip(self._teacher_master, self.teacher_params)]
 
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float, skip_prefixes: Sequence[str] = ()) -> None:
         """EMA of the teacher on this rank's fp32 shards (module docstring), then refresh the compute copy.
 
         No collective under ZeRO-3 and under ZeRO-0/1/2 in fp32; ZeRO-1/2 in bf16/fp16 all-reduce the
@@ -432,13 +432,16 @@ class ShardedTeacherEngine:
 
         Args:
             momentum: m in [0, 1] (teacher momentum schedule).
+            skip_prefixes: teacher parameters whose name starts with one of these keep their value
+                (momentum 1; e.g. ``("backbone.",)`` while the backbone is frozen).
 
         Raises:
             ValueError / RuntimeError: see :func:`ema_update_`.
         """
         masters = self._teacher_masters()
-        students = [self._student_fp32(p) for p in self.student_params]
-        ema_update_(masters, students, momentum, self.teacher_names)
+        keep = [i for i, n in enumerate(self.teacher_names) if not n.startswith(tuple(skip_prefixes))]
+        students = [self._student_fp32(self.student_params[i]) for i in keep]
+        ema_update_([masters[i] for i in keep], students, momentum, [self.teacher_names[i] for i in keep])
         self._write_teacher_compute(masters)
 
     @torch.no_grad()

@@ -164,7 +164,7 @@ class SSLMetaArch(nn.Module):
 
     def param_groups(self, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict[str, Any]]:
         """Fused optimizer groups of the student; see :func:`dvtrain.train.param_groups.build_param_groups`."""
-        return build_param_groups(self.student, lr_decay_rate, patch_embed_lr_mult)
+        return build_param_groups(self.student, lr_decay_rate, patch_embed_lr_mult, split_backbone=True)
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
@@ -195,13 +195,20 @@ class SSLMetaArch(nn.Module):
                 self.ibot_patch_loss.apply_center_update()
 
     # ------------------------------------------------------------------ forward
+    @property
+    def target_teacher(self) -> nn.ModuleDict:
+        """The module whose outputs are the targets: the EMA teacher here; the frozen teacher in
+        :class:`dvtrain.train.distill.DistillMetaArch`."""
+        return self.teacher
+
     @torch.no_grad()
     def _teacher_targets(
         self, global_crops: torch.Tensor, mask_indices_M: torch.Tensor, teacher_temp: float
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher targets: DINO [2, B, K] (crop order swapped) and iBOT [M, K] (or None)."""
         # through __call__ (not .forward_features) so ZeRO-3's hooks gather the backbone's own params
-        out = self.teacher.backbone(global_crops, is_training=True)
+        teacher = self.target_teacher
+        out = teacher.backbone(global_crops, is_training=True)
         cls_2BD = out["x_norm_clstoken"]
         cls_a, cls_b = cls_2BD.chunk(_NUM_GLOBAL_CROPS)
         cls_2BD = torch.cat((cls_b, cls_a))  # student crop 1 meets teacher crop 2 and vice versa
@@ -210,11 +217,11 @@ class SSLMetaArch(nn.Module):
         if self.do_ibot:
             masked_MD = out["x_norm_patchtokens"].flatten(0, 1).index_select(0, mask_indices_M)
         if masked_MD is not None and not self.cfg.ibot_separate_head:
-            logits = self.teacher.dino_head(torch.cat((cls_2BD, masked_MD)))
+            logits = teacher.dino_head(torch.cat((cls_2BD, masked_MD)))
             cls_logits_2BK, masked_logits_MK = logits[:n_cls], logits[n_cls:]
         else:
-            cls_logits_2BK = self.teacher.dino_head(cls_2BD)
-            masked_logits_MK = self.teacher.ibot_head(masked_MD) if masked_MD is not None else None
+            cls_logits_2BK = teacher.dino_head(cls_2BD)
+            masked_logits_MK = teacher.ibot_head(masked_MD) if masked_MD is not None else None
 
         if self.cfg.centering == "centering":
             dino_t = self.dino_loss.softmax_center_teacher(cls_logits_2BK, teacher_temp)
@@ -330,7 +337,7 @@ def meta_arch_config_from_recipe(recipe: Any) -> MetaArchConfig:
         interpolate_antialias=m.interpolate_antialias, attn_impl=m.attn_impl,
         activation_checkpointing=m.activation_checkpointing,
     )
-    for k in ("embed_dim", "depth", "num_heads"):
+    for k in ("embed_dim", "depth", "num_heads", "mlp_ratio"):
         if getattr(m, k) is not None:
             overrides[k] = getattr(m, k)
     return MetaArchConfig(

@@ -25,23 +25,13 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def flops_per_image(recipe: Any, model: Any) -> int:
-    """Training FLOPs per image of a recipe's SSL meta-architecture (student 3x forward over all
-    crops + teacher forward over the global crops, heads included; :func:`dvtrain.flops.train_flops_per_image`)."""
-    from dvtrain.flops import HeadShape, ViTShape, train_flops_per_image
+def flops_per_image(recipe: Any, model: Any = None) -> int:
+    """Training FLOPs per image of a recipe: the student's forward + backward (3x forward over all crops,
+    heads included) and the teacher's forward over the global crops (the EMA teacher, or the frozen teacher
+    of a distillation run); :func:`dvtrain.flops.model_summary`. ``model`` is not needed (kept for callers)."""
+    from dvtrain.flops import model_summary
 
-    bb = model.student["backbone"]
-    ffn = bb.blocks[0].mlp
-    hidden = ffn.w3.in_features if hasattr(ffn, "w3") else ffn.fc1.out_features
-    shape = ViTShape(bb.embed_dim, len(bb.blocks), hidden, recipe.model.ffn_layer, recipe.model.patch_size,
-                     recipe.model.num_register_tokens)
-    lo = recipe.loss
-    dino = HeadShape(bb.embed_dim, lo.head_hidden_dim, lo.bottleneck_dim, lo.num_prototypes, lo.head_nlayers)
-    ibot = (HeadShape(bb.embed_dim, lo.ibot_hidden_dim, lo.ibot_bottleneck_dim, lo.ibot_num_prototypes, lo.head_nlayers)
-            if lo.ibot_separate_head else None)
-    frac = recipe.masking.sample_probability * sum(recipe.masking.ratio_min_max) / 2
-    return train_flops_per_image(shape, dino, ibot, recipe.crops.global_size, recipe.crops.local_size,
-                                 recipe.crops.num_local_crops, frac)
+    return int(sum(row["flops_per_image"] for row in model_summary(recipe)))
 
 
 class RunMeter:

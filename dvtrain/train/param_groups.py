@@ -74,6 +74,7 @@ def build_param_groups(
     submodules: Mapping[str, nn.Module],
     lr_decay_rate: float = 1.0,
     patch_embed_lr_mult: float = 1.0,
+    split_backbone: bool = False,
 ) -> list[dict[str, Any]]:
     """Fused parameter groups of the trainable parameters of several sub-modules.
 
@@ -86,10 +87,12 @@ def build_param_groups(
             A module with a ``blocks`` attribute is treated as a ViT backbone.
         lr_decay_rate: layer-wise decay rate.
         patch_embed_lr_mult: patch-embedding lr multiplier.
+        split_backbone: never fuse backbone and head parameters; every group then carries
+            ``is_backbone`` (needed to freeze the backbone through its lr, ``optim.freeze_backbone_iterations``).
 
     Returns:
         list of dicts: ``params`` (list of tensors), ``lr_multiplier``, ``wd_multiplier``,
-        ``is_last_layer``, ``names`` (list of ``"<submodule>.<param name>"``, for logging/tests).
+        ``is_last_layer`` (and ``is_backbone`` when split), ``names`` (list of ``"<submodule>.<param name>"``, for logging/tests).
 
     Raises:
         ValueError: ``lr_decay_rate`` <= 0 or ``patch_embed_lr_mult`` < 0.
@@ -107,6 +110,9 @@ def build_param_groups(
                 continue
             mult = param_multipliers(name, num_layers, lr_decay_rate, patch_embed_lr_mult)
             key = (mult["lr_multiplier"], mult["wd_multiplier"], mult["is_last_layer"])
+            if split_backbone:
+                mult = {**mult, "is_backbone": num_layers is not None}
+                key = (*key, num_layers is not None)
             group = groups.setdefault(key, {"params": [], "names": [], **mult})
             group["params"].append(param)
             group["names"].append(f"{sub_name}.{name}")
@@ -114,7 +120,8 @@ def build_param_groups(
 
 
 def apply_schedule_to_param_groups(
-    param_groups: Iterable[dict[str, Any]], lr: float, wd: float, last_layer_lr: float
+    param_groups: Iterable[dict[str, Any]], lr: float, wd: float, last_layer_lr: float,
+    backbone_lr_scale: float = 1.0,
 ) -> None:
     """Set ``lr`` and ``weight_decay`` of every group from the schedules and its multipliers.
 
@@ -125,9 +132,13 @@ def apply_schedule_to_param_groups(
         lr: scheduled learning rate of this iteration.
         wd: scheduled weight decay.
         last_layer_lr: scheduled last-layer learning rate (0 while frozen).
+        backbone_lr_scale: factor on the lr of backbone groups (``is_backbone``; 0 while the backbone is
+            frozen, then a linear warmup to 1). At 0 the backbone's weight decay is 0 too, so AdamW leaves
+            its parameters bit-identical (``p *= 1 - lr * wd`` is ``p *= 1``, the step is ``0 * m / v``).
 
     Raises:
-        ValueError: a group without the multiplier keys.
+        ValueError: a group without the multiplier keys; ``backbone_lr_scale != 1`` with groups built
+            without ``split_backbone``.
     """
     for i, group in enumerate(param_groups):
         try:
@@ -138,3 +149,11 @@ def apply_schedule_to_param_groups(
             ) from None
         group["lr"] = (last_layer_lr if last else lr) * lr_mult
         group["weight_decay"] = wd * wd_mult
+        if backbone_lr_scale != 1.0:
+            if "is_backbone" not in group:
+                raise ValueError(f"param group {i} lacks 'is_backbone'; build the groups with split_backbone=True "
+                                 "to freeze the backbone")
+            if group["is_backbone"]:
+                group["lr"] *= backbone_lr_scale
+                if backbone_lr_scale == 0.0:
+                    group["weight_decay"] = 0.0

@@ -138,16 +138,21 @@ class Schedules:
     momentum: Schedule
     teacher_temp: Schedule
     last_layer_lr: Schedule
+    backbone_lr_scale: Schedule | None = None  # None = no backbone freeze (always 1)
 
     def at(self, it: int) -> dict[str, float]:
-        """All values at iteration ``it``: keys lr, wd, momentum, teacher_temp, last_layer_lr."""
-        return {
+        """All values at iteration ``it``: keys lr, wd, momentum, teacher_temp, last_layer_lr
+        (and backbone_lr_scale when the backbone is frozen at the start)."""
+        out = {
             "lr": self.lr[it],
             "wd": self.wd[it],
             "momentum": self.momentum[it],
             "teacher_temp": self.teacher_temp[it],
             "last_layer_lr": self.last_layer_lr[it],
         }
+        if self.backbone_lr_scale is not None:
+            out["backbone_lr_scale"] = self.backbone_lr_scale[it]
+        return out
 
 
 def build_schedules(
@@ -165,6 +170,8 @@ def build_schedules(
     warmup_teacher_temp_epochs: float,
     freeze_last_layer_epochs: float,
     epoch_length: int = 1250,
+    freeze_backbone_iters: int = 0,
+    backbone_warmup_iters: int = 0,
 ) -> Schedules:
     """Build the schedules as the reference does.
 
@@ -182,6 +189,8 @@ def build_schedules(
         warmup_teacher_temp_epochs: linear temperature warmup length (30).
         freeze_last_layer_epochs: epochs during which the heads' last layer has lr 0 (1).
         epoch_length: iterations per epoch (1250).
+        freeze_backbone_iters: leading iterations with backbone lr factor 0 (dvtrain, continued pretraining
+            with fresh heads); then ``backbone_warmup_iters`` of linear warmup of that factor to 1.
 
     Returns:
         :class:`Schedules`.
@@ -213,4 +222,8 @@ def build_schedules(
             teacher_temp, teacher_temp, temp_iters, warmup_iters=temp_iters, start_warmup_value=warmup_teacher_temp
         ),
         last_layer_lr=last_layer,
+        backbone_lr_scale=cosine_schedule(
+            1.0, 1.0, freeze_backbone_iters + backbone_warmup_iters, warmup_iters=backbone_warmup_iters,
+            freeze_iters=freeze_backbone_iters,
+        ) if freeze_backbone_iters > 0 else None,
     )

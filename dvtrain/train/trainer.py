@@ -106,7 +106,9 @@ def schedules_from_recipe(recipe: Recipe, world_size: int = 1) -> Schedules:
         momentum_teacher=t.momentum_start, final_momentum_teacher=t.momentum_end,
         teacher_temp=t.temp, warmup_teacher_temp=t.temp_warmup_start,
         warmup_teacher_temp_epochs=t.temp_warmup_epochs, freeze_last_layer_epochs=o.freeze_last_layer_epochs,
-        epoch_length=recipe.schedule.iterations_per_epoch,
+        epoch_length=recipe.schedule.iterations_per_epoch, freeze_backbone_iters=o.freeze_backbone_iterations,
+        backbone_warmup_iters=o.freeze_backbone_iterations if o.backbone_warmup_iterations is None
+        else o.backbone_warmup_iterations,
     )
 
 
@@ -133,7 +135,10 @@ class Trainer:
             interface (``student``/``teacher``, ``forward(batch, teacher_temp) -> dict`` with
             ``total``, ``param_groups(lr_decay_rate, patch_embed_lr_mult)``, ``apply_center_update()``);
             default: ``SSLMetaArch`` built from the recipe with seed ``recipe.seed`` (identical on
-            every rank, which ZeRO-3 partitioning requires).
+            every rank, which ZeRO-3 partitioning requires), by
+            :func:`dvtrain.train.build.build_meta_arch` (distillation when ``distill.teacher`` is set).
+        apply_init: load ``model.init_from`` into the default model; the launcher passes False when
+            the run resumes its own checkpoint (which then provides every weight).
 
     The process group is created (``dvtrain.dist.init_distributed``) if none exists. After
     construction the training RNGs are seeded with ``recipe.seed + rank``.
@@ -143,15 +148,15 @@ class Trainer:
             :class:`dvtrain.train.engine.ShardedTeacherEngine`).
     """
 
-    def __init__(self, recipe: Recipe, model: nn.Module | None = None) -> None:
+    def __init__(self, recipe: Recipe, model: nn.Module | None = None, apply_init: bool = True) -> None:
         self.recipe = recipe
         self.dist = dist.init_distributed()
         self.derived = derive(recipe, self.dist.world_size)
         _seed_all(recipe.seed)  # same model initialisation on every rank
         if model is None:
-            from dvtrain.train.meta_arch import SSLMetaArch  # noqa: PLC0415 - heavy import
+            from dvtrain.train.build import build_meta_arch  # noqa: PLC0415
 
-            model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
+            model = build_meta_arch(recipe, apply_init=apply_init)
         o = recipe.optim
         self.schedules: Schedules = schedules_from_recipe(recipe, self.dist.world_size)
         groups = model.param_groups(o.layerwise_decay, o.patch_embed_lr_mult)
@@ -205,7 +210,8 @@ class Trainer:
 
         # 1. schedules of the current iteration (applied updates so far)
         sched = self.schedules.at(self.iteration)
-        apply_schedule_to_param_groups(self.engine.param_groups, sched["lr"], sched["wd"], sched["last_layer_lr"])
+        apply_schedule_to_param_groups(self.engine.param_groups, sched["lr"], sched["wd"], sched["last_layer_lr"],
+                                       sched.get("backbone_lr_scale", 1.0))
 
         # 2. forward + backward per micro-batch; the engine steps at the accumulation boundary
         loss_sums: dict[str, torch.Tensor] = {}
@@ -225,7 +231,9 @@ class Trainer:
         # 4. teacher EMA and iteration advance only for applied updates
         loss_finite = math.isfinite(float(loss_sums["total"])) if "total" in loss_sums else True
         if result.applied:
-            self.engine.update_teacher(sched["momentum"])
+            # frozen backbone: its teacher copy is left out of the EMA (bit-identical, m*t + (1-m)*t rounds)
+            frozen = ("backbone.",) if sched.get("backbone_lr_scale", 1.0) == 0.0 else ()
+            self.engine.update_teacher(sched["momentum"], skip_prefixes=frozen)
             self.iteration += 1
             self.consecutive_skips = 0
         else:
