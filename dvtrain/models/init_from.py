@@ -86,7 +86,7 @@ def architecture_differences(checkpoint: dict[str, Any], recipe: dict[str, Any])
 
     def cmp(key: str, what: str, setting: str) -> None:
         a, b = checkpoint.get(key), recipe.get(key)
-        if a != b:
+        if a is not None and a != b:  # None: the checkpoint does not record it (heads of a hub file)
             out.append(ArchDifference(what, a, b, setting.format(a)))
 
     cmp("patch_size", "patch size", "model.patch_size={}")
@@ -107,6 +107,28 @@ def architecture_differences(checkpoint: dict[str, Any], recipe: dict[str, Any])
         if key in checkpoint and key in recipe and checkpoint[key] != recipe[key]:
             out.append(ArchDifference(key, checkpoint[key], recipe[key], "(no recipe field: this checkpoint is not supported)"))
     return out
+
+
+def checkpoint_kwargs(path: str) -> tuple[dict[str, Any], str]:
+    """``read_backbone_config(path)`` with ``num_heads = None`` where the checkpoint does not record it: a
+    facebookresearch/dinov2 state dict has no head count (tensor shapes do not depend on it); it is known
+    only for the released widths (384 / 768 / 1024 / 1536).
+
+    Raises:
+        ValueError: see :func:`dvtrain.checkpoint.backbone.read_backbone_config`.
+    """
+    from dvtrain.checkpoint.backbone import read_backbone_config  # noqa: PLC0415
+
+    kwargs, fmt = read_backbone_config(path)
+    return _unknown_heads(kwargs, fmt), fmt
+
+
+def _unknown_heads(kwargs: dict[str, Any], fmt: str) -> dict[str, Any]:
+    from dvtrain.models.vit import ARCH_SPECS  # noqa: PLC0415
+
+    if fmt == "dinov2-hub" and kwargs["embed_dim"] not in {s["embed_dim"] for s in ARCH_SPECS.values()}:
+        kwargs = {**kwargs, "num_heads": None}
+    return kwargs
 
 
 def _recipe_kwargs(recipe: Any) -> dict[str, Any]:
@@ -133,12 +155,10 @@ def check_init_from(recipe: Any) -> None:
             :mod:`dvtrain.checkpoint.backbone`), or the architecture differs: one message naming every differing
             field, the checkpoint's value, the recipe's value and the setting to use.
     """
-    from dvtrain.checkpoint.backbone import read_backbone_config  # noqa: PLC0415
-
     path = recipe.model.init_from
     if path:
         try:
-            ckpt_kwargs, _ = read_backbone_config(path)
+            ckpt_kwargs, _ = checkpoint_kwargs(path)
         except ValueError as exc:
             raise ValueError(f"model.init_from={path}: {exc}") from None
         diffs = architecture_differences(ckpt_kwargs, _recipe_kwargs(recipe))
@@ -162,10 +182,13 @@ def resolve_arch_from_init(recipe: Any) -> Any:
     Raises:
         ValueError: unreadable checkpoint (see :func:`dvtrain.checkpoint.backbone.read_backbone_config`).
     """
-    from dvtrain.checkpoint.backbone import read_backbone_config  # noqa: PLC0415
     from dvtrain.models.vit import ARCH_SPECS  # noqa: PLC0415
 
-    kw, _ = read_backbone_config(recipe.model.init_from)
+    kw, _ = checkpoint_kwargs(recipe.model.init_from)
+    if kw["num_heads"] is None:
+        kw["num_heads"] = recipe.model.num_heads or max(kw["embed_dim"] // 64, 1)
+        log.warning("model.init_from=%s records no head count for width %d; using num_heads=%d (set model.num_heads)",
+                    recipe.model.init_from, kw["embed_dim"], kw["num_heads"])
     arch = next((a for a, s in ARCH_SPECS.items() if s["embed_dim"] == kw["embed_dim"] and s["depth"] == kw["depth"]
                  and s["num_heads"] == kw["num_heads"]), "vit_small")
     spec = ARCH_SPECS[arch]
@@ -222,7 +245,8 @@ def read_init_source(path: str, with_heads: bool = True) -> InitSource:
     loaded = load_backbone(path)
     sd = {k: v.detach().float().clone() for k, v in loaded.model.state_dict().items()}
     heads, recipe = load_teacher_heads(path) if with_heads else ({}, None)
-    return InitSource(sd, dict(loaded.kwargs), loaded.source_format, heads, recipe)
+    return InitSource(sd, _unknown_heads(dict(loaded.kwargs), loaded.source_format), loaded.source_format, heads,
+                      recipe)
 
 
 def load_backbone_weights(target: nn.Module, source: InitSource, what: str) -> None:

@@ -265,6 +265,9 @@ def build_distill_meta_arch(recipe: Any) -> nn.Module:
     objective = distill_objective(recipe)
     src = read_init_source(path, with_heads=objective == "heads")
     kwargs = {**src.kwargs, "img_size": recipe.crops.global_size, "attn_impl": recipe.model.attn_impl}
+    if kwargs["num_heads"] is None:  # a dinov2 hub file of a non-released width records no head count
+        kwargs["num_heads"] = max(kwargs["embed_dim"] // 64, 1)
+        log.warning("distill.teacher=%s records no head count; assuming %d heads", path, kwargs["num_heads"])
     teacher_backbone = DinoVisionTransformer(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in kwargs.items()})
     load_backbone_weights(teacher_backbone, src, f"distill.teacher={path}")
     frozen = nn.ModuleDict({"backbone": teacher_backbone})
