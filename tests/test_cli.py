@@ -53,8 +53,10 @@ def test_show_derived_and_ds_config():
     assert "base_lr: 0.008" in text
     derived = json.loads(text.split("# derived\n")[1].split("# deepspeed config\n")[0])
     assert derived["global_batch"] == 1024 and derived["lr"] == 0.008
-    ds = json.loads(text.split("# deepspeed config\n")[1])
+    ds = json.loads(text.split("# deepspeed config\n")[1].split("# networks")[0])
     assert ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 3
+    networks = text.split("# networks (global batch 1024)\n")[1].splitlines()
+    assert networks[0].startswith("student: ") and networks[1].startswith("teacher (EMA of the student): ")
 
 
 def test_set_unknown_path_is_error():
