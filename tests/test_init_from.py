@@ -287,3 +287,38 @@ def test_resume_does_not_reapply_init_from(tmp_path):
     assert resumed.iteration == 2
     for k, v in resumed.engine.gather_fp32_state_dict("teacher", "").items():
         assert torch.equal(v, state[k]), k
+
+
+def test_dvtrain_run_directory_gives_backbone_and_heads(tmp_path):
+    from dvtrain.checkpoint_io import load_backbone, load_teacher_heads
+    from dvtrain.dist import init_distributed
+    from dvtrain.models.init_from import apply_init_from
+    from dvtrain.train.trainer import Trainer
+
+    init_distributed()
+    tr = Trainer(tiny_recipe(loss={"ibot_separate_head": True}))
+    tr.train_step(make_batch(0))
+    tr.save_checkpoint(tmp_path / "run" / "checkpoints")
+    teacher_sd = tr.export_teacher_backbone()
+    dino = tr.engine.gather_fp32_state_dict("teacher", "dino_head.")
+    ibot = tr.engine.gather_fp32_state_dict("teacher", "ibot_head.")
+    tr.engine.destroy()
+    recipe = tiny_recipe(model={"init_from": str(tmp_path / "run")}, loss={"ibot_separate_head": True})
+    check_init_from(recipe)
+    model = build_meta_arch(recipe, apply_init=False)
+    info = apply_init_from(model, recipe)
+    assert info == {"source_format": "dvtrain-training", "heads_loaded": ["dino_head", "ibot_head"], "heads_fresh": []}
+    for part in (model.student, model.teacher):
+        for k, v in teacher_sd.items():
+            assert torch.equal(part["backbone"].state_dict()[k], v), k
+        for name, sd in (("dino_head", dino), ("ibot_head", ibot)):
+            for k, v in sd.items():
+                assert torch.equal(part[name].state_dict()[k], v), (name, k)
+    # the same run as init_from with a shared iBOT head: the DINO head is loaded, nothing else is needed
+    shared = tiny_recipe(model={"init_from": str(tmp_path / "run")})
+    assert apply_init_from(build_meta_arch(shared, apply_init=False), shared)["heads_loaded"] == ["dino_head"]
+    wrong = tiny_recipe(model={"init_from": str(tmp_path / "run")}, loss={"num_prototypes": 32})
+    with pytest.raises(ValueError, match="the run's dino_head differs from the recipe's .* set loss.num_prototypes"):
+        build_meta_arch(wrong, apply_init=True)
+    assert load_backbone(tmp_path / "run").source_format == "dvtrain-training"
+    assert set(load_teacher_heads(tmp_path / "run")[0]) == {"dino_head", "ibot_head"}
