@@ -395,6 +395,11 @@ class Recipe(BaseModel):
             heads = self.model.num_heads or _ARCH_WIDTH_HEADS[self.model.arch][1]
             if width % heads:
                 problems.append(f"model.embed_dim={width} is not divisible by model.num_heads={heads}")
+        dc = self.distill
+        if not dc.teacher and dc.objective != "auto":
+            problems.append(f"distill.objective={dc.objective} needs distill.teacher (the frozen teacher's checkpoint)")
+        if dc.teacher and dc.cls_weight == 0 and dc.patch_weight == 0 and dc.objective == "features":
+            problems.append("distill.cls_weight and distill.patch_weight are both 0: the features objective trains nothing")
         total = int(round(self.schedule.epochs * self.schedule.iterations_per_epoch))
         if self.optim.freeze_backbone_iterations >= total > 0 and self.optim.freeze_backbone_iterations:
             problems.append(

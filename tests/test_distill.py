@@ -117,6 +117,17 @@ def test_bad_teacher_is_reported_before_the_engine(tmp_path, teacher_run):
         check_init_from(tiny_recipe(distill={"teacher": str(tmp_path / "list.pth"), "objective": "heads"}))
 
 
+def test_recipe_rules():
+    from dvtrain.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="distill.objective=heads needs distill.teacher"):
+        tiny_recipe(distill={"objective": "heads"})
+    with pytest.raises(RecipeError, match="both 0: the features objective trains nothing"):
+        tiny_recipe(distill={"teacher": "t.pth", "objective": "features", "cls_weight": 0, "patch_weight": 0})
+    with pytest.raises(RecipeError, match="freeze_backbone_iterations=10 is not below the run's 10 iterations"):
+        tiny_recipe(optim={"freeze_backbone_iterations": 10})
+
+
 def test_show_counts_teacher_and_student(teacher_run):
     from dvtrain.checkpoint_io import load_backbone
     from dvtrain.flops import model_summary, vit_forward_flops, vit_shape_from_kwargs
