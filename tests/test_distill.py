@@ -76,7 +76,7 @@ def test_heads_objective_is_ssl_with_the_frozen_teacher_as_target():
 
 
 def test_feature_objective_values(tmp_path):
-    from dvtrain.checkpoint_io import LoadedBackbone, backbone_kwargs, backbone_template
+    from dvtrain.checkpoint.backbone import LoadedBackbone, backbone_kwargs, backbone_template
     from dvtrain.export import export_hub
     from dvtrain.models.vit import DinoVisionTransformer
     from dvtrain.train.build import build_meta_arch
@@ -129,7 +129,7 @@ def test_recipe_rules():
 
 
 def test_show_counts_teacher_and_student(teacher_run):
-    from dvtrain.checkpoint_io import load_backbone
+    from dvtrain.checkpoint.backbone import load_backbone
     from dvtrain.flops import model_summary, vit_forward_flops, vit_shape_from_kwargs
     from dvtrain.train.build import build_meta_arch
 
@@ -171,7 +171,7 @@ def _distill_ranks(rank, world, args, out_dir):
 
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.dist)])
 def test_distill_partitions_the_frozen_teacher(tmp_path, teacher_run, world):
-    from dvtrain.checkpoint_io import load_backbone, load_teacher_heads
+    from dvtrain.checkpoint.backbone import load_backbone, load_teacher_heads
 
     args = {"teacher": str(teacher_run), "template": _template(tmp_path)}
     if world == 1:

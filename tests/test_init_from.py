@@ -290,7 +290,7 @@ def test_resume_does_not_reapply_init_from(tmp_path):
 
 
 def test_dvtrain_run_directory_gives_backbone_and_heads(tmp_path):
-    from dvtrain.checkpoint_io import load_backbone, load_teacher_heads
+    from dvtrain.checkpoint.backbone import load_backbone, load_teacher_heads
     from dvtrain.dist import init_distributed
     from dvtrain.models.init_from import apply_init_from
     from dvtrain.train.trainer import Trainer
