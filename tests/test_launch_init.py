@@ -5,6 +5,7 @@ without the init file; distillation from the run (heads objective) trains and ex
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -33,11 +34,14 @@ def test_launch_init_from_freeze_resume_and_distill(shards, tmp_path):  # noqa: 
     rows = [json.loads(line) for line in (cont / "metrics.jsonl").read_text().splitlines()]
     assert [r["backbone_lr_scale"] for r in rows if "total" in r] == [0.0] * 6
 
-    # relaunch: resumes its own checkpoint and never reads model.init_from (gone now)
+    # relaunch from iteration 4: resumes its own checkpoint and never reads model.init_from (gone now)
     export.unlink()
+    shutil.rmtree(cont / "checkpoints" / "iter_00000006")
     res = run(launch_cmd(cont, ovs))
     assert res.returncode == 0, res.stderr[-3000:]
     assert json.loads((cont / "summary.json").read_text())["iterations"] == 6
+    for k, v in source.items():
+        assert torch.equal(teacher(cont)[k], v), k
     res = run(launch_cmd(tmp_path / "fresh", ovs))  # a new run needs it: one message before any engine
     assert res.returncode == 1 and "model.init_from=" in res.stderr and "does not exist" in res.stderr
     assert "Traceback" not in res.stderr
