@@ -201,3 +201,21 @@ def test_distill_partitions_the_frozen_teacher(tmp_path, teacher_run, world):
         for k, v in results[0]["ema"].items():
             assert torch.equal(v, results[1]["ema"][k]), k
         assert [m["total"] for m in results[0]["losses"]] != [m["total"] for m in results[1]["losses"]]
+
+
+def test_frozen_teacher_runs_in_the_compute_dtype_without_grad(tmp_path, teacher_run):
+    from dvtrain.dist import init_distributed
+    from dvtrain.train.trainer import Trainer
+
+    init_distributed()
+    recipe = tiny_recipe(precision="bf16", model=STUDENT, distill={"teacher": str(teacher_run), "objective": "features"},
+                         zero={"config": _template(tmp_path)})
+    tr = Trainer(recipe)
+    seen = []
+    tr.model.frozen_teacher.backbone.register_forward_hook(
+        lambda mod, args, out: seen.append((torch.is_grad_enabled(), out["x_norm_clstoken"].dtype, mod.training)))
+    m = tr.train_step(make_batch(0))
+    assert seen == [(False, torch.bfloat16, False)]
+    assert all(p.ds_tensor.dtype == torch.bfloat16 for p in tr.model.frozen_teacher.parameters())
+    assert {"feature_cls_loss", "feature_patch_loss", "koleo_loss"} <= set(m) and math.isfinite(m["total"])
+    tr.engine.destroy()
