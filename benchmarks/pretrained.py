@@ -71,6 +71,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_pretrained")
     ap.add_argument("--demo", type=Path, default=None, help="an existing demo run directory (skips step 1)")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--parts", default="continued,distill", help="comma-separated: continued, distill")
     args = ap.parse_args()
 
     from dvtrain.demo import ensure_fashion_mnist_shards
@@ -97,6 +98,9 @@ def main() -> None:
             "teacher.momentum_start=0.996", "optim.weight_decay=0.2", "optim.freeze_last_layer_epochs=0"]),
         "scratch_150": (RECIPES / "smoke_cpu.yaml", three_epochs),
     }
+    parts = set(args.parts.split(","))
+    if "continued" not in parts:
+        runs = {}
     for name, (recipe, sets) in runs.items():
         s = launch(recipe, out / name, common + sets)
         results[name] = {"top1": top1(s), "iterations": s["iterations"], "train_time_s": s["train_time_s"],
@@ -107,6 +111,8 @@ def main() -> None:
         "student_distilled": (RECIPES / "smoke_cpu_distill.yaml", [f"distill.teacher={demo_dir}"]),
         "student_scratch": (RECIPES / "smoke_cpu.yaml", ["model.embed_dim=96"]),
     }
+    if "distill" not in parts:
+        students = {}
     for name, (recipe, sets) in students.items():
         calib = launch(recipe, out / f"{name}_calibration", common + sets + [
             f"schedule.epochs={30 / ipe:g}", "optim.warmup_epochs=0.1", "eval.train_path=null", "eval.val_path=null"])
@@ -123,7 +129,7 @@ def main() -> None:
     lines = [
         "# Continued pretraining and distillation on the bundled data" + (" (--quick plumbing check)" if args.quick else ""),
         "",
-        f"Command: `python benchmarks/pretrained.py --out {out}`{' --quick' if args.quick else ''}; "
+        f"Command: `python benchmarks/pretrained.py --out {out} --parts {args.parts}{' --quick' if args.quick else ''}`; "
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}.",
         f"Machine load: before `{uptime_before}`, after `{results['uptime_after']}`.",
         "k-NN of the exported teacher (EMA), cosine, k = 20, T = 0.07, bank 10k (quick: 500), 10k test images.",
@@ -134,6 +140,7 @@ def main() -> None:
     for name in ("demo", *runs, *students):
         r = results[name]
         lines.append(f"| {name} | {r['iterations']} | {r['train_time_s']:.0f} | {r['top1']} |")
+    lines += ["", "Runs: " + ", ".join(f"`{results[n]['command']}`" for n in (*runs, *students))]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
