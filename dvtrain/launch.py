@@ -141,7 +141,11 @@ def check_output_dir(run_dir: Path, recipe: Recipe, resume: bool) -> bool:
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise ValueError(f"--output-dir {run_dir}: not empty and not a dvtrain run directory; choose another")
-    old, new = _comparable(saved.read_text()), _comparable(dump_recipe(recipe))
+    try:  # through the current schema, so fields added since the run started compare by their defaults
+        saved_yaml = dump_recipe(load_recipe(saved))
+    except (RecipeError, ValueError):
+        saved_yaml = saved.read_text()
+    old, new = _comparable(saved_yaml), _comparable(dump_recipe(recipe))
     if old != new:
         diffs = sorted(_diff_paths(old, new))
         raise ValueError(

@@ -146,7 +146,7 @@ def test_fit_checkpoints_every_n_and_stops_on_request(tmp_path):
     def on_step(metrics):
         seen.append(metrics["iteration"])
         box.state["seen"] = len(seen)
-        signal_flag["set"] = metrics["iteration"] == 2  # "a signal arrives during step 3"
+        signal_flag["set"] = metrics["iteration"] == 3  # "a signal arrives during step 3"
 
     data = (make_batch(s) for s in range(100))
     reason = tr.fit(data, on_step=on_step, checkpointer=tr.checkpointer(tmp_path), parts={"data": box},
