@@ -44,10 +44,12 @@ from dvtrain.checkpoint_io import (
     load_backbone,
     resampling_mode,
 )
+from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from dvtrain.errors import run_user_command
 from dvtrain.eval.commands import CHECKPOINT_HELP
 from dvtrain.models.convert import to_hf_state_dict
 from dvtrain.models.vit import DinoVisionTransformer
+from dvtrain.utils import write_json_atomic
 
 EXPORT_FORMATS = ("hub", "hf", "safetensors")
 HF_CHECK_ATOL = 1e-5
@@ -110,12 +112,6 @@ def _prepare_out(out: Path, overwrite: bool, is_dir: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def export_hub(loaded: LoadedBackbone, out: Path, overwrite: bool = False) -> list[Path]:
     """Write the hub-format state dict to `out` (.pth/.pt) and its config to `out` + ".json".
 
@@ -134,7 +130,7 @@ def export_hub(loaded: LoadedBackbone, out: Path, overwrite: bool = False) -> li
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     torch.save(sd, tmp)
     os.replace(tmp, out)
-    _write_json_atomic(cfg_path, _export_config(HUB_FORMAT, loaded, kwargs))
+    write_json_atomic(cfg_path, _export_config(HUB_FORMAT, loaded, kwargs), sort_keys=True)
     return [out, cfg_path]
 
 
@@ -158,7 +154,7 @@ def export_safetensors(loaded: LoadedBackbone, out: Path, overwrite: bool = Fals
     tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
     save_file(sd, str(tmp), metadata={"format": "pt", "dvtrain_config": json.dumps(cfg, sort_keys=True)})
     os.replace(tmp, out)
-    _write_json_atomic(cfg_path, cfg)
+    write_json_atomic(cfg_path, cfg, sort_keys=True)
     return [out, cfg_path]
 
 
@@ -230,8 +226,8 @@ def export_hf(loaded: LoadedBackbone, out: Path, overwrite: bool = False, verify
         do_center_crop=True,
         crop_size={"height": size, "width": size},
         do_normalize=True,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
     ).save_pretrained(str(tmp))
     kwargs = backbone_kwargs(loaded.model)
     provenance = _export_config("dvtrain-hf", loaded, kwargs)
@@ -252,7 +248,7 @@ def export_hf(loaded: LoadedBackbone, out: Path, overwrite: bool = False, verify
             f"outputs are equal at {size} px and differ slightly at other resolutions"
         )
     provenance["resolution_note"] = note
-    _write_json_atomic(tmp / HF_PROVENANCE_FILE, provenance)
+    write_json_atomic(tmp / HF_PROVENANCE_FILE, provenance, sort_keys=True)
     os.replace(tmp, out)
     return [out]
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from dvtrain.data.remote import check_remote, is_remote
 from dvtrain.recipe import (
     RECIPE_PATHS,
     Recipe,
@@ -30,8 +31,6 @@ from dvtrain.recipe import (
     load_recipe,
     resolve_ds_config,
 )
-
-REMOTE_SCHEMES = ("s3://", "gs://", "oci://", "azure://", "azure-dl://", "hf://", "sftp://", "dbfs:/")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,18 +87,13 @@ def overrides_from_sweep_params(path: str | os.PathLike | None = None) -> list[s
 
 
 def check_data_location(location: str, field: str = "data.path") -> None:
-    """A local MDS directory must hold ``index.json``; a remote URL must use a scheme streaming knows.
+    """A local MDS directory must hold ``index.json``; a remote URL must pass :func:`check_remote`.
 
     Raises:
         ValueError: naming the field, the location and what would be valid.
     """
-    if "://" in location or location.startswith("dbfs:/"):
-        if not location.startswith(REMOTE_SCHEMES):
-            raise ValueError(
-                f"{field}={location}: unsupported object store; use a local directory or one of "
-                + ", ".join(REMOTE_SCHEMES)
-            )
-        return
+    if is_remote(location):
+        return check_remote(location, field)  # scheme, credentials, endpoint, index.json; bounded to ~30 s
     path = Path(location)
     if not path.exists():
         raise ValueError(

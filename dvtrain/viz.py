@@ -30,9 +30,10 @@ import typer
 from PIL import Image
 from torch import Tensor
 
+from dvtrain.data.augment import normalise
 from dvtrain.errors import run_user_command
 from dvtrain.eval.commands import CHECKPOINT_HELP
-from dvtrain.eval.features import IMAGENET_MEAN, IMAGENET_STD, open_image
+from dvtrain.eval.features import open_image
 from dvtrain.models.vit import DinoVisionTransformer
 
 viz_app = typer.Typer(
@@ -74,8 +75,7 @@ def prepare_image(image: Image.Image, image_size: int, patch_size: int) -> tuple
     H = max(patch_size, round(h * s / patch_size) * patch_size)
     image = image.resize((W, H), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return x[None], image
+    return normalise(x)[None], image
 
 
 # ----------------------------------------------------------------------------------------------

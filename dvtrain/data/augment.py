@@ -45,10 +45,42 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "normalise", "denormalise"]
 
+#: ImageNet channel statistics (RGB, on the 0..1 scale) of every dvtrain normalisation: training crops,
+#: eval/viz inputs, the Hugging Face image-processor config of exports. The one owner of these numbers.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise(x_3HW: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation ``(x - mean) / std`` of an RGB image on the 0..1 scale.
+
+    Args:
+        x_3HW: float tensor [3, H, W] (or [B, 3, H, W]) with values in [0, 1].
+
+    Returns:
+        float tensor of the same shape and dtype.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x_3HW.dtype, device=x_3HW.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x_3HW.dtype, device=x_3HW.device).view(3, 1, 1)
+    return (x_3HW - mean) / std
+
+
+def denormalise(crop_3HW: torch.Tensor):
+    """Undo :func:`normalise` for display: a normalised crop back to 8-bit RGB pixels.
+
+    Args:
+        crop_3HW: float (any dtype) tensor [3, H, W], ImageNet-normalised.
+
+    Returns:
+        numpy uint8 array [H, W, 3]: ``round(clamp(x * std + mean, 0, 1) * 255)``.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = crop_3HW.detach().float().cpu()
+    return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 #: Blur probability for (global crop 1, global crop 2, local crops) per mode.
 BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {

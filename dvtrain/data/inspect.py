@@ -100,11 +100,9 @@ def _tile(img: Image.Image, side: int) -> Image.Image:
 
 def _crop_to_image(crop_CHW) -> Image.Image:
     """Normalised float crop [3, S, S] -> uint8 RGB image (undoing ImageNet normalisation)."""
-    from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from dvtrain.data.augment import denormalise
 
-    x = crop_CHW.detach().float().cpu().numpy().transpose(1, 2, 0)
-    x = x * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
-    return Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return Image.fromarray(denormalise(crop_CHW))
 
 
 def contact_sheet(

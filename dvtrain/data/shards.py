@@ -37,7 +37,6 @@ import os
 import re
 import shutil
 import tempfile
-import urllib.parse
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -50,13 +49,14 @@ import multiprocessing as mp
 import numpy as np
 from PIL import Image, ImageFile
 
+from dvtrain.data.remote import check_remote, is_remote
+
 __all__ = [
     "COLUMNS",
     "IMAGE_EXTENSIONS",
     "MANIFEST_NAME",
     "ConversionReport",
     "convert_to_mds",
-    "is_remote",
     "load_idx",
     "read_manifest",
 ]
@@ -444,12 +444,6 @@ def _ordered_results(tasks: Sequence[_Task], max_side: int | None, workers: int,
 # Writing
 
 
-def is_remote(out: str) -> bool:
-    """True when ``out`` is an object-store URL (``s3://``, ``gs://``, ...), False for a local path."""
-    scheme = urllib.parse.urlparse(str(out)).scheme
-    return len(scheme) > 1  # "C:" style drive letters are not URLs
-
-
 @dataclass
 class ConversionReport:
     """What ``convert_to_mds`` wrote.
@@ -521,7 +515,8 @@ def convert_to_mds(
 
     Raises:
         ValueError: bad source, labels, ``max_side``/``workers``/``limit``; ``out`` exists and
-            ``overwrite`` is False; no source entry decodes; LOAD_TRUNCATED_IMAGES is enabled.
+            ``overwrite`` is False; no source entry decodes; LOAD_TRUNCATED_IMAGES is enabled; a
+            remote ``out`` fails :func:`dvtrain.data.remote.check_remote` (credentials, endpoint, bucket).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass "
@@ -532,6 +527,8 @@ def convert_to_mds(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if is_remote(out):  # credentials, endpoint and bucket before any image is read (bounded, ~30 s)
+        check_remote(str(out), "OUT", expect_dataset=False)
     src_path = Path(src).expanduser()
     source = _build_source(src_path, labels, Path(labels_file) if labels_file else None)
     if label_names is not None:

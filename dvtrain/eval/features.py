@@ -29,9 +29,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dvtrain import dist
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalise
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,9 +97,7 @@ def eval_transform(image: Image.Image, crop_size: int = 224, resize_size: int | 
     left, top = (new_w - crop_size) // 2, (new_h - crop_size) // 2
     image = image.crop((left, top, left + crop_size, top + crop_size))
     x_HWC = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x_HWC.permute(2, 0, 1) - mean) / std
+    return normalise(x_HWC.permute(2, 0, 1))
 
 
 def open_image(path_or_bytes: str | Path | bytes) -> Image.Image:
