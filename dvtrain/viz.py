@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor
 
 from dvtrain.data.augment import normalise
+from dvtrain.data.images import to_rgb
 from dvtrain.errors import run_user_command
 from dvtrain.eval.commands import CHECKPOINT_HELP
 from dvtrain.eval.features import open_image
@@ -68,7 +69,7 @@ def prepare_image(image: Image.Image, image_size: int, patch_size: int) -> tuple
     """
     if image_size < patch_size:
         raise ValueError(f"image size {image_size} is smaller than the patch size {patch_size}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     s = image_size / min(w, h)
     W = max(patch_size, round(w * s / patch_size) * patch_size)

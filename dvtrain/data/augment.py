@@ -45,6 +45,8 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
+from dvtrain.data.images import to_rgb
+
 __all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD",
            "normalise", "denormalise"]
 
@@ -332,7 +334,7 @@ class MultiCropAugmentation:
             ValueError: a tensor that is not uint8 [C, H, W] with C in {1, 3}, or another type.
         """
         if isinstance(image, Image.Image):
-            return TF.pil_to_tensor(image.convert("RGB"))
+            return TF.pil_to_tensor(to_rgb(image))  # EXIF orientation, 16-bit scaling (data/images.py)
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"expected a PIL image or a uint8 tensor [C, H, W], got {type(image).__name__}")
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):

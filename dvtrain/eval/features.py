@@ -18,7 +18,6 @@ Shape legend: B batch, N samples, L blocks, D width, T patch tokens.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -30,6 +29,7 @@ from torch import Tensor, nn
 
 from dvtrain import dist
 from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalise
+from dvtrain.data.images import open_rgb, to_rgb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def eval_transform(image: Image.Image, crop_size: int = 224, resize_size: int | 
         resize_size = int(round(crop_size * 256 / 224))
     if resize_size < crop_size:
         raise ValueError(f"resize_size {resize_size} must be >= crop_size {crop_size}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     scale = resize_size / min(w, h)
     new_w, new_h = max(crop_size, round(w * scale)), max(crop_size, round(h * scale))
@@ -101,25 +101,13 @@ def eval_transform(image: Image.Image, crop_size: int = 224, resize_size: int | 
 
 
 def open_image(path_or_bytes: str | Path | bytes) -> Image.Image:
-    """A fully decoded PIL image from a path or encoded bytes.
+    """A fully decoded, 8-bit, upright RGB image from a path or encoded bytes
+    (:func:`dvtrain.data.images.open_rgb`: EXIF orientation applied, 16-bit scaled).
 
     Raises:
         ValueError: the file does not exist or does not decode as an image.
     """
-    try:
-        if isinstance(path_or_bytes, bytes):
-            im = Image.open(io.BytesIO(path_or_bytes))
-        else:
-            if not Path(path_or_bytes).is_file():
-                raise ValueError(f"image {path_or_bytes} does not exist")
-            im = Image.open(path_or_bytes)
-        im.load()
-    except ValueError:
-        raise
-    except Exception as exc:  # PIL raises many types for undecodable data
-        what = "<bytes>" if isinstance(path_or_bytes, bytes) else path_or_bytes
-        raise ValueError(f"cannot decode image {what}: {exc}") from exc
-    return im
+    return open_rgb(path_or_bytes)
 
 
 class MDSEvalSet(torch.utils.data.Dataset):
