@@ -17,7 +17,6 @@ Shape legend: M = tokens, H = SwiGLU hidden width, B = KoLeo rows, D = feature w
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import subprocess
@@ -30,6 +29,7 @@ import torch
 
 from dvtrain.kernels.koleo import koleo_loss_reference, koleo_loss_triton
 from dvtrain.kernels.swiglu import swiglu_reference, swiglu_triton
+from dvtrain.utils import write_json_atomic
 
 TOKENS_PER_GLOBAL_CROP = 257  # 224 px / patch 14 -> 16 x 16 patches + CLS
 # (arch, SwiGLU hidden width H, global-crop images per GPU = 2 x per-GPU batch)
@@ -229,5 +229,5 @@ def run_kernel_bench(json_path: str | None = None, quick: bool = False) -> dict:
     report["ratios"] = ratios
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        write_json_atomic(json_path, report)
     return report
