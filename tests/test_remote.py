@@ -2,7 +2,8 @@
 
 Covers: missing credentials, a closed endpoint port, an endpoint that accepts but never answers (the
 bound), a missing bucket, a bucket without a dataset, and a dataset written there by
-``dvtrain data convert`` that ``validate`` and the launch pre-flight accept. The launch subprocess
+``dvtrain data convert`` that ``validate`` and the launch pre-flight accept and the training loader
+reads (streaming's S3 client, configured by the same variables the pre-flight checks). The launch subprocess
 shows the user's view: one message naming the URL and the variables, exit 1, no traceback, before any
 engine is built.
 """
@@ -162,6 +163,14 @@ def test_convert_to_bucket_then_validate_and_preflight_pass(aws_env, s3_server, 
 
     check_remote(url)
     check_data_location(url)
+    # the training loader reads it through streaming with the same variables (S3_ENDPOINT_URL, AWS_*)
+    from dvtrain.data.loader import build_loader
+
+    loader = build_loader(local=str(tmp_path / "cache"), remote=url, batch_size=4, transform=lambda x: {"image": x},
+                          collate_fn=lambda items: items, num_workers=0, shuffle=False)
+    batch = next(iter(loader))
+    assert [s["key"] for s in batch] == ["a/0.png", "a/1.png", "a/2.png", "b/0.png"]
+    assert batch[1]["image"][:, 0, 0].tolist() == [40, 200, 90] and batch[1]["image"].shape == (3, 16, 21)
     res = runner.invoke(app, ["validate", str(REPO / "recipes/smoke_cpu.yaml"), "--set", f"data.path={url}"])
     assert res.exit_code == 0 and "warning" not in res.output, res.output
 
