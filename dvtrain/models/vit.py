@@ -21,7 +21,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
-from dvtrain.models.archs import ARCH_SPECS, ARCHS  # noqa: F401 - re-exported (dvtrain.models)
+from dvtrain.models.archs import ARCH_SPECS
 from dvtrain.models.layers import Block, LayerScale, PatchEmbed
 
 logger = logging.getLogger(__name__)
