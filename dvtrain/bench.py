@@ -27,9 +27,9 @@ from typing import Callable
 
 import torch
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.kernels.koleo import koleo_loss_reference, koleo_loss_triton
 from dvtrain.kernels.swiglu import swiglu_reference, swiglu_triton
-from dvtrain.utils import write_json_atomic
 
 TOKENS_PER_GLOBAL_CROP = 257  # 224 px / patch 14 -> 16 x 16 patches + CLS
 # (arch, SwiGLU hidden width H, global-crop images per GPU = 2 x per-GPU batch)

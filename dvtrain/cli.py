@@ -130,18 +130,21 @@ def launch(
     nproc: Optional[int] = typer.Option(None, "--nproc", help="Ranks on this node (deepspeed launcher when > 1)."),
     hostfile: Optional[Path] = typer.Option(None, "--hostfile", help="MPI-style hostfile for multi-node runs."),
     worker: bool = typer.Option(False, "--worker", hidden=True, help="Run as one rank of a launched job."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show DeepSpeed's INFO lines."),
 ) -> None:
     """Train: validate, then run in place (one process) or start every rank through DeepSpeed's launcher.
 
     Extra --dotted.path=value arguments (as a W&B sweep agent passes them) are recipe overrides.
+    Relaunching the same command resumes exactly from the newest complete checkpoint. Exit status:
+    0 done, 130/143 stopped by SIGINT/SIGTERM (a checkpoint was written), 1 diverged or failed.
 
     Example: dvtrain launch recipes/vitg14.yaml --hostfile hosts --set data.path=s3://bucket/mds
     """
     from dvtrain.launch import launch as run_launch
 
-    result = run_launch(recipe, overrides or [], output_dir, resume, nproc, hostfile, worker, list(ctx.args))
-    if isinstance(result, int) and result != 0:
-        raise typer.Exit(result)
+    code = run_launch(recipe, overrides or [], output_dir, resume, nproc, hostfile, worker, list(ctx.args), verbose)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.recipe import REPO_ROOT, load_recipe
-from dvtrain.utils import write_json_atomic
 
 FMNIST = REPO_ROOT / "data" / "fashion_mnist"
 
@@ -37,12 +37,12 @@ def ensure_fashion_mnist_shards(train_out: Path, test_out: Path) -> None:
 
 def baselines(recipe, bank_size: int) -> dict[str, float]:
     """k-NN top-1 (%) of raw pixels and of the randomly initialised backbone, same protocol as the teacher."""
-    from dvtrain.checkpoint_io import backbone_from_recipe
+    from dvtrain.checkpoint.backbone import backbone_from_recipe
     from dvtrain.data.fashion_mnist import load_fashion_mnist
     from dvtrain.eval.features import make_eval_loader
     from dvtrain.eval.knn import knn_eval_backbone, knn_eval_features
     from dvtrain.models.vit import build_backbone
-    from dvtrain.train.trainer import meta_arch_config_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 
     e = recipe.eval
     k = e.ks[0]
@@ -71,11 +71,10 @@ def run_demo(output_dir: Path | None = None, overrides: list[str] = (), nproc: i
     recipe = load_recipe(recipe_path, list(overrides))
     ensure_fashion_mnist_shards(REPO_ROOT / recipe.data.path, REPO_ROOT / recipe.eval.val_path)
     run_dir = output_dir or REPO_ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = launch(recipe_path, list(overrides), run_dir, resume=False, nproc=nproc, hostfile=None, worker=False)
-    if isinstance(result, int):
-        if result != 0:
-            raise SystemExit(result)
-        result = json.loads((run_dir / "summary.json").read_text())
+    code = launch(recipe_path, list(overrides), run_dir, resume=False, nproc=nproc, hostfile=None, worker=False)
+    if code != 0:
+        raise SystemExit(code)
+    result = json.loads((Path(run_dir) / "summary.json").read_text())
     k = recipe.eval.ks[0]
     teacher = result["knn"]["per_k"][str(k)]["top1"]
     base = baselines(recipe, recipe.eval.bank_size or 10000)

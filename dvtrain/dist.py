@@ -7,7 +7,7 @@ a bare ``python`` process becomes a world of one on 127.0.0.1 with a free port.
 
 Thread rule: ranks on a node x torch threads per rank must not exceed the node's cores (2 ranks x
 2 threads on 2 cores ran ~6x slower than 1 thread each). :func:`threads_per_rank` computes the
-share (owned by :mod:`dvtrain.utils`, re-exported here), :func:`init_distributed` applies it on CPU.
+share, :func:`init_distributed` applies it on CPU.
 
 Reference: facebookresearch/dinov2 ``dinov2/distributed/__init__.py`` (SLURM/torchrun env parsing);
 here DeepSpeed's ``deepspeed.init_distributed`` creates the group so ``deepspeed.comm`` and
@@ -18,16 +18,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
 
-from dvtrain.utils import free_port, threads_per_rank
-
 __all__ = [
     "DistInfo",
-    "free_port",
+    "find_free_port",
     "threads_per_rank",
     "init_distributed",
     "is_initialized",
@@ -61,6 +60,36 @@ class DistInfo:
     backend: str
     device: torch.device
     num_threads: int
+
+
+def find_free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (bind to port 0, read it back)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def threads_per_rank(local_world_size: int, num_cores: int | None = None) -> int:
+    """Torch threads per rank so that ranks x threads <= cores (at least 1).
+
+    Args:
+        local_world_size: processes on this node (>= 1).
+        num_cores: usable cores; default ``len(os.sched_getaffinity(0))`` (or ``os.cpu_count()``).
+
+    Returns:
+        ``max(1, num_cores // local_world_size)``.
+
+    Raises:
+        ValueError: ``local_world_size < 1``.
+    """
+    if local_world_size < 1:
+        raise ValueError(f"local_world_size must be >= 1, got {local_world_size}")
+    if num_cores is None:
+        try:
+            num_cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            num_cores = os.cpu_count() or 1
+    return max(1, num_cores // local_world_size)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -99,7 +128,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, set_
     if "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        os.environ.setdefault("MASTER_PORT", str(find_free_port()))
     rank_, world = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local = _env_int("LOCAL_RANK", 0)
     # DeepSpeed's launcher exports LOCAL_SIZE; torchrun and mosaicml-streaming use LOCAL_WORLD_SIZE

@@ -16,7 +16,7 @@ Formats (`dvtrain export --checkpoint CKPT --format hub|hf|safetensors --out PAT
   the file's metadata).
 
 Every tensor is checked to have its full shape (ZeRO-3 keeps 0-element placeholders in
-unconsolidated state dicts); the input is any checkpoint `dvtrain.checkpoint_io.load_backbone`
+unconsolidated state dicts); the input is any checkpoint `dvtrain.checkpoint.backbone.load_backbone`
 accepts (training checkpoints: `--which teacher|student`).
 """
 
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import typer
 
-from dvtrain.checkpoint_io import (
+from dvtrain.checkpoint.atomic import write_json_atomic
+from dvtrain.checkpoint.backbone import (
     EXPORT_CONFIG_VERSION,
     HF_PROVENANCE_FILE,
     HUB_FORMAT,
@@ -49,7 +50,6 @@ from dvtrain.errors import run_user_command
 from dvtrain.eval.commands import CHECKPOINT_HELP
 from dvtrain.models.convert import to_hf_state_dict
 from dvtrain.models.vit import DinoVisionTransformer
-from dvtrain.utils import write_json_atomic
 
 EXPORT_FORMATS = ("hub", "hf", "safetensors")
 HF_CHECK_ATOL = 1e-5
@@ -259,7 +259,7 @@ def export_checkpoint(
     """Load the backbone of any supported checkpoint and export it.
 
     Args:
-        checkpoint: anything `dvtrain.checkpoint_io.load_backbone` accepts.
+        checkpoint: anything `dvtrain.checkpoint.backbone.load_backbone` accepts.
         fmt: "hub", "hf" or "safetensors". out: output path (see the module docstring).
         which: "teacher" or "student". overwrite: replace existing outputs.
 

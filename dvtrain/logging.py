@@ -2,8 +2,9 @@
 
 W&B mode ``auto`` is online when an API key is configured (``WANDB_API_KEY`` or a ``~/.netrc`` entry
 for the W&B host) and offline otherwise; offline runs keep their files under ``<run_dir>/wandb`` and
-can be uploaded later with ``wandb sync``. The W&B run id is stored in the run directory so a resumed
-launch continues the same W&B run.
+can be uploaded later with ``wandb sync``. The W&B run id is part of the run state saved in every
+checkpoint (``dvtrain.train.run.RunIdentity``), so a resumed launch continues the same W&B run; on
+resume ``metrics.jsonl`` is cut back to the resumed iteration, so each iteration appears once.
 """
 
 from __future__ import annotations
@@ -56,12 +57,15 @@ class RunLogger:
         run_dir: the run directory (``metrics.jsonl`` and ``wandb/`` go there).
         recipe: the resolved recipe, stored as the W&B run config.
         rank: this process's rank; only rank 0 writes.
-        mode: W&B mode, ``auto`` | ``online`` | ``offline`` | ``disabled``.
+        run_id: the W&B run id (continued when it exists: ``resume="allow"``).
+        resume_iteration: when resuming, the restored iteration: rows of later iterations (logged
+            before a crash, to be replayed now) are removed from ``metrics.jsonl`` first.
+        mode: W&B mode, ``auto`` | ``online`` | ``offline`` | ``disabled`` (default: the recipe's).
         extra_config: more config values for W&B (world size, derived values).
     """
 
-    def __init__(self, run_dir: Path, recipe: Recipe, rank: int = 0, mode: str | None = None,
-                 extra_config: dict | None = None):
+    def __init__(self, run_dir: Path, recipe: Recipe, rank: int = 0, run_id: str | None = None,
+                 resume_iteration: int | None = None, mode: str | None = None, extra_config: dict | None = None):
         self.run_dir = Path(run_dir)
         self.rank = rank
         self.mode = resolve_wandb_mode(mode or recipe.wandb.mode)
@@ -70,14 +74,14 @@ class RunLogger:
         if rank != 0:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_iteration is not None and metrics_path.is_file():
+            truncate_metrics(metrics_path, resume_iteration)
+        self._metrics_file = open(metrics_path, "a", buffering=1)
         if self.mode == "disabled":
             return
         import wandb
 
-        id_file = self.run_dir / "wandb_run_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-        id_file.write_text(run_id)
         config = recipe.model_dump(mode="json")
         config.update(extra_config or {})
         self._wandb_run = wandb.init(
@@ -88,7 +92,7 @@ class RunLogger:
             config=config,
             dir=str(self.run_dir),
             mode=self.mode,
-            id=run_id,
+            id=run_id or secrets.token_hex(4),
             resume="allow",
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True),
         )
@@ -138,8 +142,38 @@ class RunLogger:
             self._wandb_run = None
 
 
+def truncate_metrics(path: Path, last_iteration: int) -> int:
+    """Keep only the rows of ``metrics.jsonl`` with ``iteration <= last_iteration`` (atomic rewrite).
+
+    Returns:
+        The number of rows removed.
+    """
+    kept, removed = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line torn by a kill: drop it
+            removed += 1
+            continue
+        if int(row.get("iteration", 0)) <= last_iteration:
+            kept.append(line)
+        else:
+            removed += 1
+    if removed:
+        tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return removed
+
+
+#: Loss terms shown on the periodic console lines, with their short names.
+LOSS_LINE_KEYS = {"total": "total", "dino_global_crops_loss": "dino_g", "dino_local_crops_loss": "dino_l",
+                  "ibot_loss": "ibot", "koleo_loss": "koleo", "images_per_s": "img/s", "lr": "lr"}
+
+
 class TrainProgress:
-    """Rich progress bar (rank 0): iteration, images/s, losses, ETA; a no-op on other ranks."""
+    """Rank-0 progress bar: count, images/s, elapsed and ETA (fits 80 columns); losses go on their own
+    periodic lines above it (:meth:`log_line`), notes too (:meth:`note`). A no-op on other ranks."""
 
     def __init__(self, total: int, start: int = 0, rank: int = 0, console: Console | None = None):
         self.enabled = rank == 0
@@ -147,28 +181,40 @@ class TrainProgress:
             return
         self.console = console or Console(stderr=True, log_path=False)
         self.progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
+            TextColumn("train"),
+            BarColumn(bar_width=None),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
+            TextColumn("{task.fields[rate]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=self.console,
             refresh_per_second=2,
+            expand=False,
         )
-        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
+        self.task = self.progress.add_task("train", total=total, completed=start, rate="")
         self.progress.start()
 
-    def update(self, iteration: int, stats: dict[str, float], log_line: bool = False) -> None:
-        """Move the bar to ``iteration`` and show ``stats``; ``log_line`` also prints them as a line."""
+    def update(self, iteration: int, rate: float | None = None) -> None:
+        """Move the bar to ``iteration``; ``rate`` in images/s."""
+        if self.enabled:
+            self.progress.update(self.task, completed=iteration,
+                                 rate=f"{rate:.1f} img/s" if rate is not None and math.isfinite(rate) else "")
+
+    def log_line(self, iteration: int, metrics: dict[str, Any]) -> None:
+        """Print one line of losses (and images/s) above the bar."""
         if not self.enabled:
             return
-        text = "  ".join(f"{k} {v:.4g}" for k, v in stats.items())
-        self.progress.update(self.task, completed=iteration, stats=text)
-        if log_line:
-            self.progress.console.log(f"it {iteration}: {text}")
+        text = "  ".join(f"{short} {metrics[k]:.4g}" for k, short in LOSS_LINE_KEYS.items()
+                         if isinstance(metrics.get(k), (int, float)))
+        self.progress.console.print(f"it {iteration:>6}  {text}", markup=False, highlight=False)
+
+    def note(self, text: str) -> None:
+        """Print a status line above the bar."""
+        if self.enabled:
+            self.progress.console.print(f"[dvtrain] {text}", markup=False, highlight=False)
 
     def close(self) -> None:
         if self.enabled:
+            self.progress.refresh()
             self.progress.stop()

@@ -319,7 +319,7 @@ def attention_figure(model: DinoVisionTransformer, images: Sequence[Image.Image]
 
 
 def _load(checkpoint: Path, which: str, device: str | None) -> DinoVisionTransformer:
-    from dvtrain.checkpoint_io import load_backbone
+    from dvtrain.checkpoint.backbone import load_backbone
 
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return load_backbone(checkpoint, which=which, device=dev).model

@@ -39,9 +39,9 @@ def run_ranks(test_file: str, fn_name: str, world_size: int, tmp_path: Path, arg
     out_dir = Path(tmp_path) / f"ranks_{fn_name}_{time.time_ns()}"
     out_dir.mkdir(parents=True)
     (out_dir / "args.json").write_text(json.dumps(args or {}))
-    from dvtrain.utils import free_port
+    from dvtrain.dist import find_free_port
 
-    port = free_port()
+    port = find_free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)
@@ -235,3 +235,16 @@ def allow_cpu_fp16() -> None:
     from deepspeed.accelerator import get_accelerator
 
     type(get_accelerator()).is_fp16_supported = lambda self: True
+
+
+class Box:
+    """A stateful checkpoint part holding a dict (stands in for the data loader in unit tests)."""
+
+    def __init__(self, **state):
+        self.state = dict(state)
+
+    def state_dict(self):
+        return dict(self.state)
+
+    def load_state_dict(self, state):
+        self.state = dict(state)

@@ -196,7 +196,8 @@ def _plain_torch_step(recipe, steps):
 
     from dvtrain.train.meta_arch import SSLMetaArch
     from dvtrain.train.param_groups import apply_schedule_to_param_groups
-    from dvtrain.train.trainer import meta_arch_config_from_recipe, schedules_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
+    from dvtrain.train.trainer import schedules_from_recipe
 
     random.seed(recipe.seed), np.random.seed(recipe.seed), torch.manual_seed(recipe.seed)
     model = SSLMetaArch(meta_arch_config_from_recipe(recipe))

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from _dist_utils import allow_cpu_fp16, tiny_recipe, twin_linear
-from dvtrain.train.checkpoint import find_latest_checkpoint
+from _dist_utils import Box, allow_cpu_fp16, tiny_recipe, twin_linear
+from dvtrain.checkpoint.atomic import find_latest_checkpoint
 from dvtrain.train.trainer import CollapseMonitor, Trainer, TrainingDivergedError
 
 
@@ -77,7 +77,7 @@ def test_fp16_skipped_step_repeats_schedule_and_recovers():
 def test_nonfinite_steps_raise_after_limit_and_keep_last_checkpoint(tmp_path, precision):
     tr = _trainer(precision, max_nonfinite_losses=2)
     tr.train_step(_batch(1.0))
-    good = tr.save_checkpoint(tmp_path, {"pos": 1})
+    good = tr.save_checkpoint(tmp_path, {"data": Box(pos=1)})
     student = tr.export_student_backbone()
     teacher = tr.export_teacher_backbone()
     m = tr.train_step(_batch(math.nan))
@@ -89,7 +89,8 @@ def test_nonfinite_steps_raise_after_limit_and_keep_last_checkpoint(tmp_path, pr
     for k, v in tr.export_teacher_backbone().items():
         assert torch.equal(v, teacher[k])
     assert find_latest_checkpoint(tmp_path) == good
-    assert tr.load_checkpoint(tmp_path) == {"pos": 1}
+    box = Box()
+    assert tr.load_checkpoint(tmp_path, parts={"data": box}) == good and box.state == {"pos": 1}
 
 
 def test_collapse_monitor_warns_once_per_episode():

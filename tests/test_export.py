@@ -9,7 +9,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from dvtrain.checkpoint_io import (
+from dvtrain.checkpoint.backbone import (
     LoadedBackbone,
     backbone_kwargs,
     detect_checkpoint_format,
@@ -249,7 +249,7 @@ def _check_training_checkpoint(tmp_path, res):
         for k, v in live.items():
             assert torch.equal(sd[k], v), k  # bit-identical to the live all-gathered export
     # the eval path the launcher takes after training: recipe + live export -> plain backbone
-    from dvtrain.checkpoint_io import backbone_from_recipe
+    from dvtrain.checkpoint.backbone import backbone_from_recipe
     from dvtrain.recipe import load_recipe
 
     recipe = load_recipe(next(root.glob("iter_*")) / "recipe.yaml")

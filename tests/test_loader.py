@@ -20,7 +20,7 @@ from PIL import Image
 
 from dvtrain.data.loader import build_loader
 from dvtrain.data.shards import COLUMNS, convert_to_mds
-from dvtrain.utils import free_port
+from dvtrain.dist import find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_TEST = REPO / "data" / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
@@ -176,7 +176,7 @@ def test_drop_last_partial_tail_counts_as_epoch_end(fmnist100, tmp_path):
 
 
 def run_two_ranks(args: dict) -> list[dict]:
-    port = str(free_port())
+    port = str(find_free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",

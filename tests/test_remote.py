@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from dvtrain.cli import app
 from dvtrain.data.remote import check_remote, is_remote, split_url
 from dvtrain.launch import check_data_location
-from dvtrain.utils import free_port
+from dvtrain.dist import find_free_port
 
 REPO = Path(__file__).resolve().parent.parent
 BUCKET = "dvtrain-preflight"
@@ -76,6 +76,7 @@ def test_is_remote_is_the_one_rule():
     assert is_remote("s3://bucket/x") and is_remote("gs://b/x") and is_remote("dbfs:/Volumes/x")
     assert is_remote("ftp://host/x")  # remote, but unsupported: check_remote says so
     assert not is_remote("data/mds/train") and not is_remote("/abs/path") and not is_remote(r"C:\data\mds")
+    assert not is_remote("runs/a:b/mds")  # a colon alone does not make a URL
     assert split_url("s3://bucket/a/b/") == ("s3", "bucket", "a/b")
 
 
@@ -105,7 +106,7 @@ def test_unknown_profile(aws_env):
 
 
 def test_closed_endpoint_port_names_the_endpoint_variable(aws_env):
-    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there any more
+    endpoint = f"http://127.0.0.1:{find_free_port()}"  # nothing listens there any more
     _with_credentials(aws_env, endpoint)
     t0 = time.monotonic()
     with pytest.raises(ValueError) as exc:

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _dist_utils import make_batch, run_ranks, tiny_recipe
+from _dist_utils import Box, make_batch, run_ranks, tiny_recipe
 from dvtrain.dist import init_distributed
 
 
@@ -37,11 +37,12 @@ def _straight_and_resumed(rank, world, args, out_dir):
 
     first = Trainer(recipe)
     losses_b = [first.train_step(batch(s)) for s in range(3)]
-    path = first.save_checkpoint(Path(args["ckpt"]), {"next_step": 3})
+    path = first.save_checkpoint(Path(args["ckpt"]), {"data": Box(next_step=3)})
     torch.manual_seed(1234)  # disturb the RNGs: load must restore them
     resumed = Trainer(recipe)
-    extra = resumed.load_checkpoint(Path(args["ckpt"]))
-    losses_b += [resumed.train_step(batch(s)) for s in range(extra["next_step"], 6)]
+    box = Box()
+    resumed.load_checkpoint(Path(args["ckpt"]), parts={"data": box})
+    losses_b += [resumed.train_step(batch(s)) for s in range(box.state["next_step"], 6)]
     return {"a": losses_a, "b": losses_b, "state_a": state_a, "state_b": _state(resumed), "path": str(path)}
 
 

@@ -25,10 +25,10 @@ exact with ``convert("L")`` on integer input); luma weights are PIL's (0.299, 0.
 contrast and saturation (torchvision uses 0.2989 and floors the uint8 luma).
 
 Determinism: every random draw (crop box, flip, jitter factors and order, coin flips, blur sigma)
-comes from torch's global RNG. Inside a DataLoader worker PyTorch seeds that RNG with
-``base_seed + worker_id`` where ``base_seed`` is drawn from the loader's ``generator`` when its
-iterator is created, so a seeded loader yields the same crops every run; in the main process seed
-with ``torch.manual_seed``. Python's ``random`` and numpy's global RNG are never used.
+comes from torch's global RNG. The training loader (``dvtrain.data.loader``) seeds it per sample
+from (shuffle seed, epoch, sample id), so the crops depend only on the data position (exact
+resume); elsewhere seed with ``torch.manual_seed``. Python's ``random`` and numpy's global RNG are
+never used.
 
 Shape legend: C channels (3), H height, W width, K kernel taps (9).
 """
@@ -48,7 +48,7 @@ from torchvision.transforms.v2 import functional as TF
 from dvtrain.data.images import to_rgb
 
 __all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD",
-           "normalise", "denormalise"]
+           "normalise", "denormalise", "crop_grid"]
 
 #: ImageNet channel statistics (RGB, on the 0..1 scale) of every dvtrain normalisation: training crops,
 #: eval/viz inputs, the Hugging Face image-processor config of exports. The one owner of these numbers.
@@ -377,3 +377,20 @@ class MultiCropAugmentation:
             ValueError: unsupported input type, dtype or shape.
         """
         return self.forward_with_trace(image)[0]
+
+
+def crop_grid(batch: dict, max_images: int = 4):
+    """uint8 numpy [H, W, 3] picture of a collated batch: one row per image, its 2 global crops then
+    its local crops (upsampled to the global size, nearest)."""
+    import numpy as np
+
+    g, loc = batch["collated_global_crops"].float(), batch["collated_local_crops"].float()
+    b = g.shape[0] // 2
+    n_local = loc.shape[0] // b if b else 0
+    size = g.shape[-1]
+    rows = []
+    for i in range(min(b, max_images)):
+        crops = [g[i], g[b + i]]
+        crops += [F.interpolate(loc[j * b + i][None], size=(size, size), mode="nearest")[0] for j in range(n_local)]
+        rows.append(np.concatenate([denormalise(c) for c in crops], axis=1))
+    return np.ascontiguousarray(np.concatenate(rows, axis=0))

@@ -42,6 +42,11 @@ JPEG_QUALITY = 95  # re-encoding quality (4:4:4 chroma) for JPEG sources that mu
 _JPEG_MAGIC = b"\xff\xd8"
 _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
+# torchvision 0.29 warns that its codecs are deprecated (in favour of torchcodec) when it is imported;
+# dvtrain uses them while they exist (registered here, before anything imports torchvision.io).
+warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
+                        "TorchVision are deprecated", category=DeprecationWarning)
+
 
 
 @functools.cache
@@ -49,11 +54,8 @@ def _jpeg_decoder() -> Callable[[bytes], Any] | None:
     """torchvision's libjpeg-turbo decoder (RGB, EXIF orientation applied), or None without it.
 
     Imported on first use, so conversion worker processes that never call :func:`decode_image` do not
-    import torch. torchvision 0.29 marks its codecs deprecated (in favour of torchcodec) but ships
-    them; they are ~25 % faster than PIL here.
+    import torch. ~25 % faster than PIL here.
     """
-    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
-                            "TorchVision are deprecated", category=DeprecationWarning)
     try:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg

@@ -20,6 +20,14 @@ and counted, and its batch slot is filled with the next decodable sample of that
 the dataset). Every sample id still fills exactly one batch slot, so the position above
 stays exact and resuming gives the same samples as an uninterrupted run.
 
+Augmentation and masking randomness is a function of the position, not of a worker's history:
+each sample is augmented under torch's global RNG seeded with ``sample_seed(seed, epoch,
+sample_id)`` (inside ``torch.random.fork_rng``, so the caller's RNG is untouched), and each batch is
+collated (block masks) under a seed derived from its samples' seeds. A restored position therefore
+reproduces the crops and masks of an uninterrupted run bit for bit, with any number of workers;
+no worker RNG state needs to be saved. A slot refilled after an undecodable sample draws with the
+seed of the slot's own sample id.
+
 Reference: ``dinov2/data/loaders.py`` (``make_data_loader`` with an infinite sampler; no mid-epoch
 resume there) - replaced by streaming's deterministic partitioning and resumption.
 """
@@ -42,10 +50,12 @@ from dvtrain.data.images import decode_image  # the one decode (EXIF orientation
 
 __all__ = [
     "MultiCropLoader",
+    "build_train_loader",
     "MultiCropStreamingDataset",
     "build_loader",
     "clean_stale_shared_memory_once",
     "decode_image",
+    "sample_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,6 +63,22 @@ logger = logging.getLogger(__name__)
 STATE_KEYS = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed",
               "initial_physical_nodes")
 _LOCAL_PREDOWNLOAD = 1 << 40  # "no limit" for local-only datasets
+
+def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
+    """The augmentation seed of one sample: a 63-bit hash of (shuffle seed, epoch, sample id).
+
+    Same sample in another epoch -> other crops; same position after a resume -> same crops.
+    """
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{sample_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def _call_seeded(seed: int, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with torch's CPU RNG seeded to ``seed``; the caller's RNG state is restored."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return fn(*args)
+
 
 _CLEANED = False
 
@@ -118,16 +144,30 @@ class MultiCropStreamingDataset(StreamingDataset):
                          num_canonical_nodes=num_canonical_nodes, **streaming_kwargs)
         self.transform = transform
         self._fallback: tuple[torch.Tensor, dict[str, Any]] | None = None
+        self._iter_epoch = 0  # epoch of the running iterator (set in each worker by _resume_incr_epoch)
+
+    def _resume_incr_epoch(self) -> tuple[int, int]:
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._iter_epoch = epoch
+        return epoch, sample_in_epoch
+
+    def __getitem__(self, at: Any) -> Any:
+        raw = super().__getitem__(at)
+        if isinstance(at, (int, np.integer)):  # what __iter__ asks for: keep the id for seeding
+            raw = dict(raw, _sample_id=int(at))
+        return raw
 
     def _decode(self, raw: dict[str, Any]) -> torch.Tensor:
         return decode_image(raw["image"])
 
-    def _make(self, image: torch.Tensor, raw: dict[str, Any],
+    def _make(self, image: torch.Tensor, raw: dict[str, Any], slot_id: int,
               bad: _BadSample | None) -> tuple[dict, Any]:
-        out = self.transform(image)
+        seed = sample_seed(int(self.shuffle_seed), self._iter_epoch, slot_id)
+        out = _call_seeded(seed, self.transform, image)
         sample = dict(out) if isinstance(out, dict) else {"image": out}
         sample["label"] = int(raw["label"])
         sample["key"] = str(raw["key"])
+        sample["_seed"] = seed
         return sample, bad
 
     def _first_good_sample(self) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -146,37 +186,51 @@ class MultiCropStreamingDataset(StreamingDataset):
         return self._fallback
 
     def __iter__(self) -> Iterator[tuple[dict, Any]]:  # type: ignore[override]
-        pending: list[_BadSample] = []
+        pending: list[tuple[int, _BadSample]] = []
         for raw in super().__iter__():
+            slot_id = raw.get("_sample_id", -1)
             try:
                 image = self._decode(raw)
             except Exception as e:  # noqa: BLE001 - any decoder failure: skip and count
                 bad = _BadSample(str(raw.get("key", "?")), f"{type(e).__name__}: {e}")
                 logger.warning("undecodable sample %s skipped (%s)", bad.key, bad.reason)
-                pending.append(bad)
+                pending.append((slot_id, bad))
                 continue
-            for bad in pending:  # fill the skipped slots with this sample, augmented afresh
-                yield self._make(image, raw, bad)
+            for bad_id, bad in pending:  # fill the skipped slots with this sample, augmented afresh
+                yield self._make(image, raw, bad_id, bad)
             pending = []
-            yield self._make(image, raw, None)
+            yield self._make(image, raw, slot_id, None)
         if pending:
             image, raw = self._first_good_sample()
-            for bad in pending:
-                yield self._make(image, raw, bad)
+            for bad_id, bad in pending:
+                yield self._make(image, raw, bad_id, bad)
 
 
 class _CollateDroppingBad:
-    """collate_fn wrapper: ([(sample, bad)]) -> (collate_fn([sample]), [bad, ...])."""
+    """collate_fn wrapper: ([(sample, bad)]) -> (collate_fn([sample]), [bad, ...]).
+
+    The collate function (block masks) runs under a seed derived from the batch's sample seeds, so
+    the masks too depend only on the position (see the module docstring).
+    """
 
     def __init__(self, collate_fn: Callable[[list[dict]], Any]) -> None:
         self.collate_fn = collate_fn
 
     def __call__(self, items: list[tuple[dict, Any]]) -> tuple[Any, list[_BadSample]]:
-        return self.collate_fn([s for s, _ in items]), [b for _, b in items if b is not None]
+        samples = [s for s, _ in items]
+        seeds = [s.pop("_seed", None) for s in samples]
+        digest = hashlib.blake2b(",".join(map(str, seeds)).encode(), digest_size=8).digest()
+        batch = _call_seeded(int.from_bytes(digest, "little") & (2**63 - 1), self.collate_fn, samples)
+        return batch, [b for _, b in items if b is not None]
 
 
 def _worker_init(worker_id: int) -> None:
-    """One torch thread per DataLoader worker; numpy's global RNG seeded from torch's."""
+    """One torch thread per DataLoader worker; numpy's global RNG seeded from torch's. Workers ignore
+    SIGINT: a Ctrl-C in the terminal reaches the whole process group, and the main process alone
+    decides how the run stops (finish the step, checkpoint, shut the workers down)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(1)
     np.random.seed(torch.initial_seed() % 2**32)
 
@@ -388,3 +442,45 @@ def build_loader(
                             collate_fn=_CollateDroppingBad(collate_fn), pin_memory=pin_memory,
                             drop_last=drop_last, generator=generator, **workers_kwargs)
     return MultiCropLoader(dataset, dataloader, batch_size=batch_size, drop_last=drop_last)
+
+
+def build_train_loader(recipe: Any, cache_dir: str | None = None) -> MultiCropLoader:
+    """The training loader of a recipe: its MDS shards -> multi-crop -> block masks -> collate.
+
+    Args:
+        recipe: a :class:`dvtrain.recipe.Recipe` (crops, masking, data, batch, seed).
+        cache_dir: local cache for a remote ``data.path`` (default ``data.cache_dir`` or a new
+            temporary directory).
+
+    Returns:
+        MultiCropLoader over ``recipe.data.path`` with ``batch.micro_batch_per_device`` samples per batch.
+    """
+    import functools
+    import tempfile
+
+    from dvtrain.data.augment import MultiCropAugmentation
+    from dvtrain.data.collate import collate_multicrop
+    from dvtrain.data.masking import MaskingGenerator
+    from dvtrain.data.remote import is_remote
+
+    c, m = recipe.crops, recipe.masking
+    grid = c.global_size // recipe.model.patch_size
+    mask_generator = MaskingGenerator(
+        (grid, grid), max_num_patches=int(0.5 * grid * grid), min_num_patches=m.min_num_patches, min_aspect=m.min_aspect
+    )
+    collate = functools.partial(
+        collate_multicrop, mask_ratio_min_max=tuple(m.ratio_min_max), mask_probability=m.sample_probability,
+        n_tokens=grid * grid, mask_generator=mask_generator,
+    )
+    transform = MultiCropAugmentation(
+        c.global_size, c.local_size, c.num_local_crops, global_scale=tuple(c.global_scale),
+        local_scale=tuple(c.local_scale), blur=c.blur,
+    )
+    remote = recipe.data.path if is_remote(recipe.data.path) else None
+    local = recipe.data.path if remote is None else (
+        cache_dir or recipe.data.cache_dir or tempfile.mkdtemp(prefix="dvtrain-mds-"))
+    return build_loader(
+        local=local, remote=remote, batch_size=recipe.batch.micro_batch_per_device, transform=transform,
+        collate_fn=collate, num_workers=recipe.data.num_workers, shuffle=recipe.data.shuffle, seed=recipe.seed,
+        drop_last=True,
+    )

@@ -44,12 +44,13 @@ _BAD_CREDENTIALS = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken
 
 
 def is_remote(location: str | os.PathLike) -> bool:
-    """True when ``location`` is a URL (``s3://bucket/x``, ``gs://...``, ``dbfs:/...``), False for a local path.
+    """True for an object-store URL (``scheme://...`` or ``dbfs:/...``), False for a local path.
 
-    A one-letter scheme is a Windows drive (``C:\\data``), not a URL.
+    Local paths may contain colons (``runs/a:b``, ``C:\\data``); only ``://`` (or Databricks'
+    ``dbfs:/``) makes a URL.
     """
-    scheme = urllib.parse.urlparse(str(location)).scheme
-    return len(scheme) > 1
+    location = str(location)
+    return "://" in location or location.startswith("dbfs:/")
 
 
 def split_url(url: str) -> tuple[str, str, str]:

@@ -50,9 +50,9 @@ import multiprocessing as mp
 import numpy as np
 from PIL import Image, ImageFile
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data.images import decode_for_storage, encode, resize_max_side
 from dvtrain.data.remote import check_remote, is_remote
-from dvtrain.utils import write_json_atomic
 
 __all__ = [
     "COLUMNS",

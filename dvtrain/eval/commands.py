@@ -1,6 +1,6 @@
 """`dvtrain eval knn` and `dvtrain eval linear`: evaluate a checkpoint's backbone on MDS data.
 
-Thin: load the backbone (`dvtrain.checkpoint_io.load_backbone`), build eval loaders over the
+Thin: load the backbone (`dvtrain.checkpoint.backbone.load_backbone`), build eval loaders over the
 MDS directories (`dvtrain data convert` output), call `knn_eval_backbone` /
 `linear_eval_backbone`, print, write JSON, optionally log to W&B.
 
@@ -16,8 +16,8 @@ from typing import Any, List, Optional
 
 import typer
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.errors import run_user_command
-from dvtrain.utils import write_json_atomic
 
 app = typer.Typer(
     name="eval",
@@ -158,7 +158,7 @@ def knn(
     """
 
     def _run() -> None:
-        from dvtrain.checkpoint_io import load_backbone
+        from dvtrain.checkpoint.backbone import load_backbone
         from dvtrain.eval.knn import DEFAULT_KS, format_knn_results, knn_eval_backbone
 
         dev = _setup_device(device)
@@ -209,7 +209,7 @@ def linear(
     """
 
     def _run() -> None:
-        from dvtrain.checkpoint_io import load_backbone
+        from dvtrain.checkpoint.backbone import load_backbone
         from dvtrain.eval.linear import DEFAULT_LEARNING_RATES, DEFAULT_N_LAST_BLOCKS, linear_eval_backbone
 
         dev = _setup_device(device)

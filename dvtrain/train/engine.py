@@ -1,7 +1,9 @@
 """DeepSpeed engine for the student/teacher pair: ZeRO sharding, sharded fp32 EMA teacher, loss-scale
 accounting, per-module gradient clipping, checkpoint save/load and consolidated fp32 export.
 
-Every DeepSpeed specific of dvtrain lives in this module.
+The DeepSpeed engine specifics of dvtrain (initialisation, ZeRO partitions, loss scaler, checkpoint
+calls) live in this module; the other places that know DeepSpeed are the launcher
+(``dvtrain.launch``: the ``deepspeed`` runner) and the ds_config resolution (``dvtrain.recipe``).
 
 Design
 ------
@@ -29,8 +31,10 @@ runs on the local shards, without collectives, on fp32:
   rank, the student side the full fp32 master (the parameter itself in fp32 runs, else
   ``deepspeed.utils.safe_get_full_fp32_param``, which all-reduces per parameter in ZeRO-1/2).
 
-Checkpoints: ``engine.save_checkpoint`` (student fp32 masters, optimizer state, loss scaler, module
-buffers) plus one ``teacher_rank<r>.pt`` per rank with that rank's fp32 teacher masters. The
+Checkpoints (file names: :mod:`dvtrain.checkpoint.layout`): ``engine.save_checkpoint`` under ``ds/``
+(student fp32 masters, optimizer state, loss scaler, module buffers) plus one ``teacher_rank<r>.pt``
+per rank with that rank's fp32 teacher masters; :class:`dvtrain.checkpoint.manager.Checkpointer`
+calls :meth:`ShardedTeacherEngine.save` / ``load`` as its engine part. The
 teacher never goes through a second engine's ``save_checkpoint`` (that failed or hung on 2 ranks).
 
 Shape legend: P = elements of one rank's partition of a parameter.
@@ -48,18 +52,18 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
+from dvtrain.checkpoint import layout
+from dvtrain.checkpoint.partition import join_partitions
+
 __all__ = [
     "EngineConfig",
     "StepResult",
     "ShardedTeacherEngine",
     "ema_update_",
-    "TEACHER_FILE",
 ]
 
 log = logging.getLogger(__name__)
 
-TEACHER_FILE = "teacher_rank{rank:05d}.pt"
-_DS_TAG = "ds"
 
 
 @dataclass
@@ -456,13 +460,11 @@ class ShardedTeacherEngine:
         masters, with names and partition sizes for validation).
         """
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory), tag=_DS_TAG, client_state={}, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=layout.DS_TAG, client_state={}, save_latest=False)
         masters = [t.detach().cpu().clone() for t in self._teacher_masters()]
-        torch.save(
-            {"names": list(self.teacher_names), "numels": [t.numel() for t in masters], "masters": masters,
-             "zero_stage": self.zero_stage, "world_size": self.world_size, "rank": self.rank},
-            directory / TEACHER_FILE.format(rank=self.rank),
-        )
+        state = dict(zip(layout.TEACHER_KEYS, (list(self.teacher_names), [t.numel() for t in masters], masters,
+                                                self.zero_stage, self.world_size, self.rank)))
+        torch.save(state, directory / layout.rank_file(layout.TEACHER_FILE, self.rank))
 
     @torch.no_grad()
     def load(self, directory: str | Path) -> None:
@@ -473,10 +475,10 @@ class ShardedTeacherEngine:
                 or model.
         """
         directory = Path(directory)
-        tfile = directory / TEACHER_FILE.format(rank=self.rank)
-        if not tfile.is_file() or not (directory / _DS_TAG).is_dir():
-            raise ValueError(f"{directory}: not an engine checkpoint (missing {tfile.name} or {_DS_TAG}/)")
-        state = torch.load(tfile, map_location="cpu", weights_only=False)
+        tfile = directory / layout.rank_file(layout.TEACHER_FILE, self.rank)
+        if not tfile.is_file() or not (directory / layout.DS_TAG).is_dir():
+            raise ValueError(f"{directory}: not an engine checkpoint (missing {tfile.name} or {layout.DS_TAG}/)")
+        state = torch.load(tfile, map_location="cpu", weights_only=True)
         if state["world_size"] != self.world_size or state["zero_stage"] != self.zero_stage:
             raise ValueError(
                 f"{directory}: teacher shards were written by {state['world_size']} rank(s) at ZeRO stage "
@@ -485,10 +487,10 @@ class ShardedTeacherEngine:
         if state["names"] != list(self.teacher_names):
             raise ValueError(f"{directory}: teacher parameter names differ from this model's")
         load_path, _ = self.engine.load_checkpoint(
-            str(directory), tag=_DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+            str(directory), tag=layout.DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
         )
         if load_path is None:
-            raise ValueError(f"{directory}/{_DS_TAG}: DeepSpeed found no checkpoint to load")
+            raise ValueError(f"{directory}/{layout.DS_TAG}: DeepSpeed found no checkpoint to load")
         masters = self._teacher_masters()
         for name, dst, src in zip(self.teacher_names, masters, state["masters"]):
             if dst.numel() != src.numel():
@@ -529,18 +531,18 @@ class ShardedTeacherEngine:
             if not name.startswith(prefix):
                 continue
             shape = tuple(p.ds_shape) if hasattr(p, "ds_shape") else tuple(p.shape)
-            numel = math.prod(shape)
             if which == "teacher":
                 local = masters[i].float()
-                if self.zero_stage == 3:
-                    full = self._all_gather_flat(local)[:numel]
-                else:
-                    full = local.reshape(-1)
+                parts = self._all_gather(local) if self.zero_stage == 3 else [local]
             else:
                 full = safe_get_full_fp32_param(p) if p.requires_grad else None
-                if full is None:
-                    full = self._all_gather_flat(p.ds_tensor.float())[:numel] if self.zero_stage == 3 else p.data.float()
-            out[name[len(prefix):]] = full.reshape(shape).detach().cpu().float().clone()
+                if full is not None:
+                    parts = [full]
+                elif self.zero_stage == 3:
+                    parts = self._all_gather(p.ds_tensor.float())
+                else:
+                    parts = [p.data.float()]
+            out[name[len(prefix):]] = join_partitions(parts, shape, f"{which}.{name}").detach().cpu().float()
         sub = self.module.teacher if which == "teacher" else self.module.student
         for name, b in sub.named_buffers():
             if name.startswith(prefix):
@@ -549,14 +551,14 @@ class ShardedTeacherEngine:
             raise ValueError(f"no {which} parameter starts with {prefix!r}")
         return out
 
-    def _all_gather_flat(self, local: torch.Tensor) -> torch.Tensor:
-        """Concatenate every rank's equally sized 1-D partition (rank order)."""
+    def _all_gather(self, local: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's equally sized 1-D partition, in rank order (join with ``join_partitions``)."""
         local = local.reshape(-1).contiguous()
         if not torch_dist.is_initialized() or self.world_size == 1:
-            return local
+            return [local]
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         torch_dist.all_gather(parts, local)
-        return torch.cat(parts)
+        return parts
 
     def destroy(self) -> None:
         """Release DeepSpeed resources (hooks, buffers)."""

@@ -310,3 +310,28 @@ class SSLMetaArch(nn.Module):
             total = total + cfg.ibot_loss_weight * ibot
         losses["total"] = total
         return losses
+
+
+def meta_arch_config_from_recipe(recipe: Any) -> MetaArchConfig:
+    """Map a :class:`dvtrain.recipe.Recipe` onto :class:`MetaArchConfig`."""
+    m, lo = recipe.model, recipe.loss
+    overrides: dict[str, Any] = dict(
+        img_size=recipe.crops.global_size, patch_size=m.patch_size, ffn_layer=m.ffn_layer,
+        drop_path_rate=m.drop_path_rate, layerscale_init=m.layerscale_init,
+        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
+        interpolate_antialias=m.interpolate_antialias, attn_impl=m.attn_impl,
+        activation_checkpointing=m.activation_checkpointing,
+    )
+    for k in ("embed_dim", "depth", "num_heads"):
+        if getattr(m, k) is not None:
+            overrides[k] = getattr(m, k)
+    return MetaArchConfig(
+        arch=m.arch, backbone_overrides=overrides,
+        dino_head_n_prototypes=lo.num_prototypes, dino_head_hidden_dim=lo.head_hidden_dim,
+        dino_head_bottleneck_dim=lo.bottleneck_dim, dino_head_nlayers=lo.head_nlayers,
+        ibot_separate_head=lo.ibot_separate_head, ibot_head_n_prototypes=lo.ibot_num_prototypes,
+        ibot_head_hidden_dim=lo.ibot_hidden_dim, ibot_head_bottleneck_dim=lo.ibot_bottleneck_dim,
+        ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
+        ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
+        center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
+    )

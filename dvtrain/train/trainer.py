@@ -5,14 +5,15 @@ micro-batch: teacher + student forward and backward through the engine -> engine
 clipping, fp16 loss scaling) -> center update -> teacher EMA -> accounting (skips, non-finite
 steps, collapse) -> metrics. "Iteration" counts APPLIED optimizer updates; it indexes the
 schedules, so an fp16 overflow-skipped step repeats the same schedule values and does not move the
-teacher. Checkpoints are atomic directories (:mod:`dvtrain.train.checkpoint`).
+teacher. Checkpoints go through :class:`dvtrain.checkpoint.manager.Checkpointer` (this trainer is its
+``train_state`` part).
 
 Follows ``dinov2/train/train.py::do_train`` (schedules, EMA after the step, periodic checkpoints)
 and ``dinov2/train/ssl_meta_arch.py`` (gradient clipping per student sub-module).
 
-The launcher (``dvtrain launch``: run directory, W&B, progress bar, signals) builds a Trainer from
-a Recipe and calls :meth:`Trainer.fit` or :meth:`Trainer.train_step`; :meth:`Trainer.request_stop`
-ends ``fit`` between steps.
+The run loop (``dvtrain.train.run``) builds a Trainer from a Recipe and calls :meth:`Trainer.fit`;
+:meth:`Trainer.request_stop` (from a signal handler) ends ``fit`` after the step during which every
+rank agreed to stop.
 """
 
 from __future__ import annotations
@@ -31,20 +32,19 @@ from torch import nn
 
 from dvtrain import dist
 from dvtrain.recipe import Recipe, derive, dump_recipe, resolve_ds_config
-from dvtrain.train import checkpoint as ckpt
+from dvtrain.checkpoint.manager import Checkpointer
+from dvtrain.checkpoint.rng import RNGState
 from dvtrain.train.engine import EngineConfig, ShardedTeacherEngine, StepResult
+from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 from dvtrain.train.param_groups import apply_schedule_to_param_groups
 from dvtrain.train.schedules import Schedules, build_schedules
 
-__all__ = ["Trainer", "TrainingDivergedError", "CollapseMonitor", "meta_arch_config_from_recipe", "schedules_from_recipe", "IMAGE_KEYS"]
+__all__ = ["Trainer", "TrainingDivergedError", "CollapseMonitor", "schedules_from_recipe", "IMAGE_KEYS"]
 
 log = logging.getLogger(__name__)
 
 #: Batch keys holding images; cast to the compute dtype before the forward.
 IMAGE_KEYS = ("collated_global_crops", "collated_local_crops")
-_META_FILE = "trainer_state.pt"
-_RANK_FILE = "rng_rank{rank:05d}.pt"
-_RECIPE_FILE = "recipe.yaml"
 
 
 class TrainingDivergedError(RuntimeError):
@@ -96,33 +96,6 @@ class CollapseMonitor:
         self.count, self.warned = int(state["count"]), bool(state["warned"])
 
 
-def meta_arch_config_from_recipe(recipe: Recipe):
-    """Map a recipe onto :class:`dvtrain.train.meta_arch.MetaArchConfig`."""
-    from dvtrain.train.meta_arch import MetaArchConfig  # noqa: PLC0415
-
-    m, lo = recipe.model, recipe.loss
-    overrides: dict[str, Any] = dict(
-        img_size=recipe.crops.global_size, patch_size=m.patch_size, ffn_layer=m.ffn_layer,
-        drop_path_rate=m.drop_path_rate, layerscale_init=m.layerscale_init,
-        num_register_tokens=m.num_register_tokens, interpolate_offset=m.interpolate_offset,
-        interpolate_antialias=m.interpolate_antialias, attn_impl=m.attn_impl,
-        activation_checkpointing=m.activation_checkpointing,
-    )
-    for k in ("embed_dim", "depth", "num_heads"):
-        if getattr(m, k) is not None:
-            overrides[k] = getattr(m, k)
-    return MetaArchConfig(
-        arch=m.arch, backbone_overrides=overrides,
-        dino_head_n_prototypes=lo.num_prototypes, dino_head_hidden_dim=lo.head_hidden_dim,
-        dino_head_bottleneck_dim=lo.bottleneck_dim, dino_head_nlayers=lo.head_nlayers,
-        ibot_separate_head=lo.ibot_separate_head, ibot_head_n_prototypes=lo.ibot_num_prototypes,
-        ibot_head_hidden_dim=lo.ibot_hidden_dim, ibot_head_bottleneck_dim=lo.ibot_bottleneck_dim,
-        ibot_head_nlayers=lo.head_nlayers, centering=lo.centering, dino_loss_weight=lo.dino_weight,
-        ibot_loss_weight=lo.ibot_weight, koleo_loss_weight=lo.koleo_weight, student_temp=lo.student_temp,
-        center_momentum=lo.center_momentum, num_local_crops=recipe.crops.num_local_crops,
-    )
-
-
 def schedules_from_recipe(recipe: Recipe, world_size: int = 1) -> Schedules:
     """The per-iteration schedules (lr, wd, teacher momentum and temperature, last-layer lr) of a recipe,
     with the lr scaled for ``world_size`` ranks (``dinov2/train/train.py`` build_schedulers)."""
@@ -168,7 +141,7 @@ class Trainer:
         self.derived = derive(recipe, self.dist.world_size)
         _seed_all(recipe.seed)  # same model initialisation on every rank
         if model is None:
-            from dvtrain.train.meta_arch import SSLMetaArch  # noqa: PLC0415
+            from dvtrain.train.meta_arch import SSLMetaArch  # noqa: PLC0415 - heavy import
 
             model = SSLMetaArch(meta_arch_config_from_recipe(recipe))
         o = recipe.optim
@@ -243,12 +216,13 @@ class Trainer:
         self.model.apply_center_update()
 
         # 4. teacher EMA and iteration advance only for applied updates
+        loss_finite = math.isfinite(float(loss_sums["total"])) if "total" in loss_sums else True
         if result.applied:
             self.engine.update_teacher(sched["momentum"])
             self.iteration += 1
             self.consecutive_skips = 0
         else:
-            self._account_skip(result)
+            self._account_skip(result, loss_finite)
 
         # 5. metrics
         n = len(micro_batches)
@@ -265,11 +239,12 @@ class Trainer:
             self.collapse.update(dino)
         return metrics
 
-    def _account_skip(self, result: StepResult) -> None:
+    def _account_skip(self, result: StepResult, loss_finite: bool = True) -> None:
         """Count a skipped step; raise when the run cannot recover (all ranks agree: DeepSpeed's skip
-        decision is global)."""
+        decision is global). Under fp16 a skip with a finite loss is a loss-scale overflow; a
+        non-finite loss (NaN/inf weights or activations) counts as a non-finite step in any precision."""
         o = self.recipe.optim
-        if self.engine.dtype == torch.float16:
+        if self.engine.dtype == torch.float16 and loss_finite:
             self.consecutive_skips += 1
             if result.loss_scale_before <= self.engine.min_loss_scale:
                 raise TrainingDivergedError(
@@ -288,8 +263,9 @@ class Trainer:
                      result.loss_scale_after)
         else:
             self.nonfinite_steps += 1
-            log.warning("non-finite gradients (%s): step skipped (%d of at most %d)", self.engine.dtype,
-                        self.nonfinite_steps, o.max_nonfinite_losses)
+            log.warning("non-finite %s (%s): step skipped (%d of at most %d)",
+                        "gradients" if loss_finite else "loss", self.engine.dtype, self.nonfinite_steps,
+                        o.max_nonfinite_losses)
             if self.nonfinite_steps >= o.max_nonfinite_losses:
                 raise TrainingDivergedError(
                     f"{self.nonfinite_steps} steps had a non-finite loss or gradient in {self.recipe.precision} "
@@ -309,7 +285,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def request_stop(self) -> None:
-        """Ask :meth:`fit` to return after the current step (e.g. from a signal handler)."""
+        """Ask :meth:`fit` to return after the current step (e.g. from a signal handler). Only this
+        rank's request: :meth:`fit` agrees across ranks, so every rank stops after the same step."""
         self._stop = True
 
     @property
@@ -317,28 +294,48 @@ class Trainer:
         """Planned applied optimizer steps of the run."""
         return self.derived.total_iterations
 
+    def _agree_stop(self, stop_requested: Callable[[], bool] | None = None) -> bool:
+        """True when any rank asked to stop (an all-reduce MAX with several ranks, so all ranks
+        leave the loop after the same step)."""
+        if stop_requested is not None and stop_requested():
+            self._stop = True
+        if self.dist.world_size == 1:
+            return self._stop
+        flag = torch.tensor([1 if self._stop else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self._stop = bool(flag.item())
+        return self._stop
+
     def fit(
         self,
         data: Iterable[Mapping[str, Any]],
         on_step: Callable[[dict[str, float]], None] | None = None,
-        checkpoint_dir: str | Path | None = None,
-        extra_state: Callable[[], dict[str, Any]] | None = None,
+        checkpointer: Checkpointer | None = None,
+        parts: Mapping[str, Any] | None = None,
         max_iterations: int | None = None,
+        stop_requested: Callable[[], bool] | None = None,
     ) -> str:
         """Train until ``max_iterations`` (default: the recipe's length), the data ends, or a stop request.
 
-        Every ``checkpoint.every`` applied iterations and at the end a checkpoint is saved under
-        ``checkpoint_dir`` (when given), with ``extra_state()`` (e.g. the data-loader position).
+        Every ``checkpoint.every`` applied iterations, and when the loop ends (done or stopped), the
+        run state is saved through ``checkpointer``: the engine, this trainer's state and ``parts``
+        (the data loader, the run identity; RNG states are added here).
 
         Args:
             data: iterator of collated micro-batches (``grad_accum_steps`` are consumed per step).
-            on_step: called with each step's metrics (after accounting, before checkpointing).
-            checkpoint_dir: checkpoint root; None = no checkpoints.
-            extra_state: returns picklable state saved with every checkpoint.
+            on_step: called with each step's metrics (after accounting, before checkpointing);
+                ``metrics["stopping"]`` is 1.0 on the last step of a stopped run.
+            checkpointer: where the state goes; None = no checkpoints.
+            parts: extra stateful parts (``data``, ``run``) saved with every checkpoint.
             max_iterations: stop when ``iteration`` reaches this.
+            stop_requested: polled after every step (e.g. a signal flag); when it returns True on
+                any rank (or :meth:`request_stop` was called), every rank stops after this step.
 
         Returns:
             ``"done"``, ``"data_exhausted"`` or ``"stopped"``.
+
+        Raises:
+            TrainingDivergedError: see :meth:`train_step`; checkpoints on disk stay as they were.
         """
         target = self.total_iterations if max_iterations is None else max_iterations
         it: Iterator = iter(data)
@@ -347,117 +344,46 @@ class Trainer:
         reason = "done"
         last_saved = self.iteration
         while self.iteration < target:
-            if self._stop:
-                reason = "stopped"
-                break
             try:
                 mbs = [next(it) for _ in range(gas)]
             except StopIteration:
                 reason = "data_exhausted"
                 break
             metrics = self.train_step(mbs if gas > 1 else mbs[0])
+            stopping = self._agree_stop(stop_requested)
+            metrics["stopping"] = float(stopping)
             if on_step is not None:
                 on_step(metrics)
-            if checkpoint_dir is not None and metrics["step_applied"] and self.iteration % every == 0:
-                self.save_checkpoint(checkpoint_dir, extra_state() if extra_state else None)
+            if checkpointer is not None and metrics["step_applied"] and self.iteration % every == 0:
+                self.save_checkpoint(checkpointer, parts)
                 last_saved = self.iteration
-        if checkpoint_dir is not None and self.iteration != last_saved:
-            self.save_checkpoint(checkpoint_dir, extra_state() if extra_state else None)
+            if stopping:
+                reason = "stopped"
+                break
+        if checkpointer is not None and self.iteration != last_saved:
+            self.save_checkpoint(checkpointer, parts)
         return reason
 
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, root: str | Path, extra_state: Mapping[str, Any] | None = None) -> Path:
-        """Atomically write ``<root>/iter_<iteration>`` and keep the last ``checkpoint.keep_last``.
-
-        Collective: every rank calls it. Contents: the engine (DeepSpeed checkpoint + teacher fp32 shards),
-        ``trainer_state.pt`` (rank 0: iteration, counters, world size, global batch, collapse monitor,
-        module buffers such as the DINO/iBOT centers, ``extra_state``), ``rng_rank<r>.pt`` (each rank's
-        python/numpy/torch/CUDA RNG states) and ``recipe.yaml`` (the resolved recipe).
-
-        Args:
-            root: checkpoint root (shared by all ranks).
-            extra_state: picklable launcher state (data-loader position, ...), returned by
-                :meth:`load_checkpoint`.
-
-        Returns:
-            Path of the checkpoint directory.
-        """
-        root = Path(root)
-        is_main = self.dist.rank == 0
-        with ckpt.atomic_checkpoint_dir(root, self.iteration, is_main=is_main, barrier=dist.barrier,
-                                        all_ok=self._all_ok) as tmp:
-            self.engine.save(tmp)
-            torch.save(ckpt.capture_rng_state(), tmp / _RANK_FILE.format(rank=self.dist.rank))
-            if is_main:
-                state = {
-                    "iteration": self.iteration, "consecutive_skips": self.consecutive_skips,
-                    "nonfinite_steps": self.nonfinite_steps, "world_size": self.dist.world_size,
-                    "global_batch": self.derived.global_batch, "lr": self.derived.lr,
-                    "collapse": self.collapse.state_dict(),
-                    "buffers": self._persistent_buffers(),
-                    "extra_state": dict(extra_state or {}),
-                }
-                torch.save(state, tmp / _META_FILE)
-                (tmp / _RECIPE_FILE).write_text(dump_recipe(self.recipe))
-        final = root / ckpt.checkpoint_name(self.iteration)
-        if is_main:
-            ckpt.prune_checkpoints(root, self.recipe.checkpoint.keep_last)
-        dist.barrier()
-        return final
-
-    def _persistent_buffers(self) -> dict[str, torch.Tensor]:
-        """Persistent buffers (DINO/iBOT centers, ...) as CPU copies; no ``state_dict()`` call, which
-        would touch ZeRO-3 parameters on one rank only."""
-        out = {}
+    # ------------------------------------------------------------------ run state
+    def state_dict(self) -> dict[str, Any]:
+        """The train state (``dvtrain.checkpoint.layout.TRAIN_STATE_KEYS``): iteration, skip and
+        non-finite counters, world size, global batch and peak lr (checked on resume), the collapse
+        monitor and the persistent module buffers (DINO/iBOT centers) as CPU tensors. Reads buffers
+        directly, no ``module.state_dict()`` (that would gather ZeRO-3 parameters on one rank)."""
+        buffers = {}
         for mod_name, mod in self.model.named_modules():
             for name, buf in mod._buffers.items():
                 if buf is not None and name not in mod._non_persistent_buffers_set:
-                    out[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
-        return out
+                    buffers[f"{mod_name}.{name}" if mod_name else name] = buf.detach().cpu().clone()
+        return {
+            "iteration": self.iteration, "consecutive_skips": self.consecutive_skips,
+            "nonfinite_steps": self.nonfinite_steps, "world_size": self.dist.world_size,
+            "global_batch": self.derived.global_batch, "lr": self.derived.lr,
+            "collapse": self.collapse.state_dict(), "buffers": buffers,
+        }
 
-    def _all_ok(self, ok: bool) -> bool:
-        if self.dist.world_size == 1:
-            return ok
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save_checkpoint` (collective, before the first step).
-
-        Args:
-            path: a checkpoint directory, or a root (its latest complete checkpoint is used).
-
-        Returns:
-            The ``extra_state`` saved with it.
-
-        Raises:
-            ValueError: no checkpoint at ``path``; it was written by a different number of ranks
-                (both counts named: resharding is not supported); incomplete files.
-        """
-        path = Path(path)
-        if ckpt.checkpoint_iteration(path) is None or not (path / ckpt.COMPLETE_MARKER).is_file():
-            latest = ckpt.find_latest_checkpoint(path)
-            if latest is None:
-                raise ValueError(f"{path}: no complete checkpoint (iter_NNNNNNNN with {ckpt.COMPLETE_MARKER})")
-            path = latest
-        meta_file = path / _META_FILE
-        if not meta_file.is_file():
-            raise ValueError(f"{path}: missing {_META_FILE}")
-        state = torch.load(meta_file, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.dist.world_size:
-            raise ValueError(
-                f"{path} was written by {state['world_size']} rank(s) but this run has {self.dist.world_size}: "
-                f"resuming on a different number of processes is not supported (ZeRO shards are per rank). "
-                f"Relaunch with {state['world_size']} processes"
-            )
-        if state["global_batch"] != self.derived.global_batch:
-            msg = (f"global batch changed on resume: {state['global_batch']} -> {self.derived.global_batch} images; "
-                   f"peak lr ({self.recipe.optim.lr_scaling} scaling) changes {state['lr']:.6g} -> "
-                   f"{self.derived.lr:.6g} from iteration {state['iteration']} on")
-            warnings.warn(msg, UserWarning, stacklevel=2)
-            log.warning(msg)
-        self.engine.load(path)
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (after :meth:`check_resumable`)."""
         buffers = dict(self.model.named_buffers())
         with torch.no_grad():
             for k, v in state["buffers"].items():
@@ -467,10 +393,80 @@ class Trainer:
         self.consecutive_skips = int(state["consecutive_skips"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.collapse.load_state_dict(state["collapse"])
-        rng_file = path / _RANK_FILE.format(rank=self.dist.rank)
-        ckpt.restore_rng_state(torch.load(rng_file, map_location="cpu", weights_only=False))
-        dist.barrier()
-        return dict(state["extra_state"])
+
+    def check_resumable(self, state: Mapping[str, Any]) -> None:
+        """Refuse a train state written by another number of ranks; warn when the global batch changed.
+
+        Raises:
+            ValueError: naming both rank counts (ZeRO shards are per rank; resharding is not supported).
+        """
+        if state["world_size"] != self.dist.world_size:
+            raise ValueError(
+                f"the checkpoint was written by {state['world_size']} rank(s) but this run has "
+                f"{self.dist.world_size}: resuming on a different number of processes is not supported (ZeRO "
+                f"shards are per rank). Relaunch with {state['world_size']} processes"
+            )
+        if state["global_batch"] != self.derived.global_batch:
+            msg = (f"global batch changed on resume: {state['global_batch']} -> {self.derived.global_batch} images; "
+                   f"peak lr ({self.recipe.optim.lr_scaling} scaling) changes {state['lr']:.6g} -> "
+                   f"{self.derived.lr:.6g} from iteration {state['iteration']} on")
+            warnings.warn(msg, UserWarning, stacklevel=2)
+            log.warning(msg)
+
+    def checkpointer(self, root: str | Path) -> Checkpointer:
+        """A :class:`Checkpointer` over ``root`` for this run (ranks, retention, collectives)."""
+        return Checkpointer(root, rank=self.dist.rank, world_size=self.dist.world_size,
+                            keep_last=self.recipe.checkpoint.keep_last, barrier=dist.barrier, all_ok=self._all_ok)
+
+    def _parts(self, parts: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"train_state": self, "rng": RNGState(), **dict(parts or {})}
+
+    def _as_checkpointer(self, where: str | Path | Checkpointer) -> Checkpointer:
+        return where if isinstance(where, Checkpointer) else self.checkpointer(where)
+
+    def save_checkpoint(self, checkpointer: str | Path | Checkpointer, parts: Mapping[str, Any] | None = None) -> Path:
+        """Atomically write the checkpoint of the current iteration (collective: every rank calls it).
+
+        Args:
+            checkpointer: a :class:`Checkpointer`, or a checkpoint root directory.
+            parts: extra stateful parts by name (``data``, ``run``).
+
+        Contents (:mod:`dvtrain.checkpoint.layout`): the engine (DeepSpeed checkpoint + teacher fp32
+        shards), the train state (:meth:`state_dict`), every rank's RNG states, ``parts`` (e.g. the
+        data loader position, the run identity) and the resolved recipe.
+
+        Returns:
+            Path of the checkpoint directory.
+        """
+        return self._as_checkpointer(checkpointer).save(self.iteration, self.engine, self._parts(parts),
+                                                        dump_recipe(self.recipe))
+
+    def _all_ok(self, ok: bool) -> bool:
+        if self.dist.world_size == 1:
+            return ok
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def load_checkpoint(self, checkpointer: str | Path | Checkpointer, path: str | Path | None = None,
+                        parts: Mapping[str, Any] | None = None) -> Path:
+        """Restore a checkpoint written by :meth:`save_checkpoint` (collective, before the first step).
+
+        Args:
+            checkpointer: the run's checkpointer, or a checkpoint root / directory. path: a checkpoint
+                directory or root (default: the checkpointer's root; its newest complete checkpoint is used).
+            parts: the same extra parts as given to :meth:`fit`; each is restored in place.
+
+        Returns:
+            The checkpoint directory restored.
+
+        Raises:
+            ValueError: no complete checkpoint; written by a different number of ranks (both counts
+                named); missing files.
+        """
+        checkpointer = self._as_checkpointer(checkpointer)
+        return checkpointer.load(path or checkpointer.root, self.engine, self._parts(parts),
+                                 check=self.check_resumable)
 
     # ------------------------------------------------------------------ export
     def export_teacher_backbone(self) -> dict[str, torch.Tensor]:

@@ -4,10 +4,10 @@ Accepted inputs (`detect_checkpoint_format`):
 - "dvtrain-training": a dvtrain training checkpoint directory (`<root>/iter_N` holding
   `COMPLETE`), a checkpoint root holding such directories (the newest is used) or a run
   directory whose `checkpoints/` holds them. Consolidated offline in one process, any world
-  size: the teacher from the per-rank fp32 EMA masters (`teacher_rank<r>.pt`, see
-  `dvtrain.train.engine.ShardedTeacherEngine.save`), the student from the DeepSpeed
-  checkpoint's fp32 optimizer masters (`ds/`, DeepSpeed's zero_to_fp32); the architecture
-  from the checkpoint's `recipe.yaml`.
+  size: the teacher from the per-rank fp32 EMA masters (`teacher_rank<r>.pt`, joined with
+  `dvtrain.checkpoint.partition.join_partitions` as the live engine does), the student from the
+  DeepSpeed checkpoint's fp32 optimizer masters (`ds/`, DeepSpeed's zero_to_fp32); the
+  architecture from the checkpoint's `recipe.yaml`. File names: `dvtrain.checkpoint.layout`.
 - "dvtrain-hub": `X.pth` written by `dvtrain export --format hub`, with `X.pth.json` beside it.
 - "dvtrain-safetensors": `X.safetensors` written by `dvtrain export --format safetensors`
   (config in `X.safetensors.json` and in the file's metadata).
@@ -31,6 +31,19 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from dvtrain.checkpoint.atomic import find_latest_checkpoint
+from dvtrain.checkpoint.layout import (
+    CHECKPOINTS_DIR,
+    COMPLETE_MARKER,
+    DS_TAG,
+    RECIPE_FILE,
+    TEACHER_FILE,
+    TMP_SUFFIX,
+    checkpoint_iteration,
+    rank_file,
+    rank_files_glob,
+)
+from dvtrain.checkpoint.partition import join_partitions
 from dvtrain.models.convert import build_from_hub, from_hf, unchunk_block_keys
 from dvtrain.models.layers import LayerScale, SwiGLUFFN
 from dvtrain.models.vit import DinoVisionTransformer
@@ -200,11 +213,9 @@ def export_config_path(weights: Path) -> Path:
 
 
 def _training_checkpoint_dir(path: Path) -> Path | None:
-    from dvtrain.train.checkpoint import COMPLETE_MARKER, find_latest_checkpoint
-
     if (path / COMPLETE_MARKER).is_file():
         return path
-    for root in (path, path / "checkpoints"):
+    for root in (path, path / CHECKPOINTS_DIR):
         latest = find_latest_checkpoint(root)
         if latest is not None:
             return latest
@@ -235,7 +246,7 @@ def detect_checkpoint_format(path: str | Path) -> str:
             raise ValueError(f"{path} has a Dinov2 config.json but no model.safetensors / pytorch_model.bin")
         if _training_checkpoint_dir(path) is not None:
             return "dvtrain-training"
-        if any(path.glob("iter_*.tmp-*")) or any((path / "checkpoints").glob("iter_*.tmp-*")):
+        if any(path.glob(f"iter_*{TMP_SUFFIX}")) or any((path / CHECKPOINTS_DIR).glob(f"iter_*{TMP_SUFFIX}")):
             raise ValueError(f"{path} holds only an unfinished checkpoint (iter_*.tmp-*, no COMPLETE marker)")
         raise ValueError(
             f"{path} is a directory but not a dvtrain checkpoint or a Hugging Face Dinov2 directory; expected {_ACCEPTED}"
@@ -360,7 +371,7 @@ def backbone_template(recipe: Any) -> tuple[dict[str, Any], dict[str, torch.Size
         (kwargs for `DinoVisionTransformer` as `backbone_kwargs` gives them, {key: shape}).
     """
     from dvtrain.models.vit import build_backbone
-    from dvtrain.train.trainer import meta_arch_config_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 
     cfg = meta_arch_config_from_recipe(recipe)
     with torch.device("meta"):
@@ -395,43 +406,33 @@ def _training_backbone_template(ckpt_dir: Path) -> tuple[dict[str, Any], dict[st
     """(backbone kwargs, {key: shape}, recipe) from the checkpoint's resolved `recipe.yaml`."""
     from dvtrain.recipe import load_recipe
 
-    recipe_file = ckpt_dir / "recipe.yaml"
+    recipe_file = ckpt_dir / RECIPE_FILE
     if not recipe_file.is_file():
-        raise ValueError(f"{ckpt_dir}: missing recipe.yaml; not a complete dvtrain training checkpoint")
+        raise ValueError(f"{ckpt_dir}: missing {RECIPE_FILE}; not a complete dvtrain training checkpoint")
     recipe = load_recipe(recipe_file)
     return (*backbone_template(recipe), recipe)
 
 
 def _consolidate_teacher(ckpt_dir: Path, shapes: Mapping[str, torch.Size]) -> dict[str, Tensor]:
-    """Full fp32 teacher backbone from the per-rank EMA masters `teacher_rank<r>.pt`.
-
-    ZeRO-3: every rank holds an equal flat partition of each parameter (the last one padded);
-    the full tensor is the rank-ordered concatenation cut to numel. Lower stages: full tensors.
-    """
-    from dvtrain.train.engine import TEACHER_FILE
-
-    files = sorted(ckpt_dir.glob(TEACHER_FILE.replace("{rank:05d}", "*")))
+    """Full fp32 teacher backbone from the per-rank EMA masters (`layout.TEACHER_FILE`): ZeRO-3
+    partitions joined in rank order (`join_partitions`); lower stages hold full tensors."""
+    files = sorted(ckpt_dir.glob(rank_files_glob(TEACHER_FILE)))
     if not files:
-        raise ValueError(f"{ckpt_dir}: no teacher shards ({TEACHER_FILE.format(rank=0)} ...)")
+        raise ValueError(f"{ckpt_dir}: no teacher shards ({rank_file(TEACHER_FILE, 0)} ...)")
     states = sorted((_torch_load(f) for f in files), key=lambda st: st["rank"])
     world, stage = states[0]["world_size"], states[0]["zero_stage"]
     if [st["rank"] for st in states] != list(range(world)):
         found = [st["rank"] for st in states]
         raise ValueError(f"{ckpt_dir}: expected teacher shards of ranks 0..{world - 1}, found ranks {found}")
-    names = states[0]["names"]
     out: dict[str, Tensor] = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(states[0]["names"]):
         if not name.startswith("backbone."):
             continue
         key = name[len("backbone.") :]
         if key not in shapes:
-            raise ValueError(f"{ckpt_dir}: teacher parameter {key!r} is not in the backbone its recipe.yaml builds")
-        numel = shapes[key].numel()
-        parts = [st["masters"][i].reshape(-1) for st in states] if stage == 3 else [states[0]["masters"][i].reshape(-1)]
-        flat = torch.cat(parts)
-        if flat.numel() < numel:
-            raise ValueError(f"{ckpt_dir}: teacher shards of {key} hold {flat.numel()} elements, the parameter has {numel}")
-        out[key] = flat[:numel].float().reshape(shapes[key]).clone()
+            raise ValueError(f"{ckpt_dir}: teacher parameter {key!r} is not in the backbone its {RECIPE_FILE} builds")
+        parts = [st["masters"][i] for st in states] if stage == 3 else [states[0]["masters"][i]]
+        out[key] = join_partitions(parts, shapes[key], f"{ckpt_dir}: teacher shards of {key}").float()
     return out
 
 
@@ -440,7 +441,7 @@ def _consolidate_student(ckpt_dir: Path) -> dict[str, Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     try:
-        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="ds")
+        full = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=DS_TAG)
     except Exception as exc:  # DeepSpeed raises ValueError / KeyError / FileNotFoundError variants
         raise ValueError(f"{ckpt_dir}: cannot consolidate the student from the DeepSpeed checkpoint in ds/: {exc}") from exc
     prefix = "student.backbone."
@@ -457,8 +458,6 @@ def _load_training(path: Path, which: str) -> LoadedBackbone:
     if "mask_token" in shapes and "mask_token" not in state_dict:
         raise ValueError(f"{ckpt_dir}: the {which} backbone lacks mask_token; checkpoint damaged")
     model = build_and_load(kwargs, state_dict, f"{ckpt_dir} ({which})")
-    from dvtrain.train.checkpoint import checkpoint_iteration
-
     meta = {"path": str(ckpt_dir), "iteration": checkpoint_iteration(ckpt_dir), "recipe_name": recipe.name}
     return LoadedBackbone(model, kwargs, "dvtrain-training", which, meta)
 

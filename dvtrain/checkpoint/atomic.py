@@ -1,11 +1,12 @@
-"""Atomic checkpoint directories and RNG state capture.
+"""Atomic checkpoint directories, crash recovery, retention and atomic JSON files.
 
-A checkpoint is one directory ``<root>/iter_<iteration:08d>``. It is written under a temporary
-name (``iter_<n>.tmp-save``) by every rank, and renamed into place by rank 0 only after all ranks
-finished writing and the files were fsynced; ``COMPLETE`` is the last file written before the
-rename. A crash (exception, kill, power loss) during saving therefore leaves at most a stale
-``*.tmp-*`` directory, which the next save removes, and never touches the last good checkpoint.
-Only the last ``keep_last`` complete checkpoints are kept.
+A checkpoint is one directory ``<root>/iter_<iteration:08d>`` (names: :mod:`dvtrain.checkpoint.layout`).
+It is written under a temporary name (``iter_<n>.tmp-save``) by every rank, and renamed into place
+by rank 0 only after all ranks finished writing and the files were fsynced; ``COMPLETE`` is the last
+file written before the rename. A crash (exception, kill, power loss) during saving therefore leaves
+at most a temporary directory, which :func:`recover_checkpoints` clears at the next start (or
+finishes, when it was complete), and never touches the last good checkpoint. Only the last
+``keep_last`` complete checkpoints are kept.
 
 Multi-node runs need ``<root>`` on a file system shared by all ranks (every rank writes its shard
 files into the same directory).
@@ -18,50 +19,29 @@ one atomic directory rename).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-import random
-import re
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
+from dvtrain.checkpoint.layout import (
+    COMPLETE_MARKER,
+    OLD_SUFFIX,
+    TMP_SUFFIX,
+    checkpoint_iteration,
+    checkpoint_name,
+)
 
 __all__ = [
-    "COMPLETE_MARKER",
-    "checkpoint_name",
-    "checkpoint_iteration",
     "list_checkpoints",
     "find_latest_checkpoint",
     "atomic_checkpoint_dir",
     "prune_checkpoints",
+    "recover_checkpoints",
     "fsync_tree",
-    "capture_rng_state",
-    "restore_rng_state",
+    "write_json_atomic",
 ]
-
-COMPLETE_MARKER = "COMPLETE"
-_NAME_RE = re.compile(r"^iter_(\d{8,})$")
-_TMP_SUFFIX = ".tmp-save"
-_OLD_SUFFIX = ".tmp-old"
-
-
-def checkpoint_name(iteration: int) -> str:
-    """Directory name of the checkpoint after ``iteration`` applied optimizer steps (``iter_00000042``).
-
-    Raises:
-        ValueError: negative iteration.
-    """
-    if iteration < 0:
-        raise ValueError(f"checkpoint iteration must be >= 0, got {iteration}")
-    return f"iter_{iteration:08d}"
-
-
-def checkpoint_iteration(path: str | Path) -> int | None:
-    """Iteration encoded in a checkpoint directory name, or None for any other name."""
-    m = _NAME_RE.match(Path(path).name)
-    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -143,7 +123,7 @@ def atomic_checkpoint_dir(
     """
     root = Path(root)
     final = root / checkpoint_name(iteration)
-    tmp = root / (final.name + _TMP_SUFFIX)
+    tmp = root / (final.name + TMP_SUFFIX)
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -168,7 +148,7 @@ def atomic_checkpoint_dir(
         _fsync_path(tmp)
         old = None
         if final.exists():
-            old = root / (final.name + _OLD_SUFFIX)
+            old = root / (final.name + OLD_SUFFIX)
             if old.exists():
                 shutil.rmtree(old)
             os.replace(final, old)
@@ -209,32 +189,44 @@ def prune_checkpoints(root: str | Path, keep_last: int) -> list[Path]:
     return doomed
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """This process's RNG states: python ``random``, numpy global, torch CPU and (when present) CUDA.
+def recover_checkpoints(root: str | Path) -> list[str]:
+    """Clear what a crash during a save left under ``root``; call on rank 0 before any save or load.
+
+    - ``iter_N.tmp-save`` holding ``COMPLETE`` and no ``iter_N``: the crash hit between the marker and
+      the rename; the directory is complete and fsynced, so it is renamed into place.
+    - ``iter_N.tmp-old`` and no ``iter_N``: the crash hit while replacing ``iter_N``; it moves back.
+    - any other ``*.tmp-*`` directory: an unfinished save; removed.
 
     Returns:
-        dict with keys ``python``, ``numpy``, ``torch`` (uint8 tensor) and ``cuda`` (list of uint8
-        tensors, one per visible device, or None).
+        One line per action, for the console.
     """
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-    }
+    root = Path(root)
+    actions: list[str] = []
+    if not root.is_dir():
+        return actions
+    for child in sorted(root.iterdir()):
+        if not child.is_dir() or ".tmp-" not in child.name:
+            continue
+        base = child.name.split(".tmp-")[0]
+        final = root / base
+        if checkpoint_iteration(base) is not None and not final.exists() and (child / COMPLETE_MARKER).is_file() \
+                and child.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+            os.replace(child, final)
+            _fsync_path(root)
+            actions.append(f"completed interrupted checkpoint {final.name}")
+        else:
+            shutil.rmtree(child, ignore_errors=True)
+            actions.append(f"removed unfinished checkpoint {child.name}")
+    return actions
 
 
-def restore_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` returned (CUDA states only when CUDA is present).
-
-    Raises:
-        ValueError: ``state`` lacks one of the keys python, numpy, torch.
-    """
-    missing = [k for k in ("python", "numpy", "torch") if k not in state]
-    if missing:
-        raise ValueError(f"RNG state lacks {missing}; it was not written by capture_rng_state()")
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def write_json_atomic(path: str | Path, data: Any, sort_keys: bool = False) -> None:
+    """Write ``data`` as indented JSON to ``path`` through a temporary file, fsync and a rename: a
+    crash leaves the old file or the new one, never a torn one. Non-JSON values go through ``str``."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(data, indent=2, default=str, sort_keys=sort_keys) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
