@@ -223,7 +223,8 @@ def deepspeed_command(
             ds += ["--num_accelerators", str(nproc)]
     else:
         ds += ["--num_nodes", "1", "--num_accelerators", str(nproc or 1)]
-    ds += ["--master_port", str(master_port or find_free_port()), "--module", "--no_local_rank"]
+    ds += ["--master_port", str(master_port or find_free_port()), "--module", "--no_local_rank",
+           "--log_level", "info" if verbose else "warning"]
     return ds + worker_command(recipe_path, overrides, run_dir, resume, verbose)
 
 

@@ -58,8 +58,9 @@ class RunLogger:
         recipe: the resolved recipe, stored as the W&B run config.
         rank: this process's rank; only rank 0 writes.
         run_id: the W&B run id (continued when it exists: ``resume="allow"``).
-        resume_iteration: when resuming, the restored iteration: rows of later iterations (logged
-            before a crash, to be replayed now) are removed from ``metrics.jsonl`` first.
+        resume_iteration: the iteration training starts from (0 for a fresh start): rows of later
+            iterations (logged by a killed launch after its last checkpoint, replayed now) are
+            removed from ``metrics.jsonl`` first; None keeps the file as it is.
         mode: W&B mode, ``auto`` | ``online`` | ``offline`` | ``disabled`` (default: the recipe's).
         extra_config: more config values for W&B (world size, derived values).
     """

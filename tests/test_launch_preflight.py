@@ -86,8 +86,10 @@ def test_hostfile(tmp_path):
 def test_deepspeed_command_shape(tmp_path):
     cmd = deepspeed_command(Path("r.yaml"), ["optim.base_lr=1e-3"], tmp_path, False, 2, None, master_port=29999)
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"]
-    assert cmd[3:13] == ["--num_nodes", "1", "--num_accelerators", "2", "--master_port", "29999", "--module",
-                         "--no_local_rank", "dvtrain", "launch"]
+    assert cmd[3:15] == ["--num_nodes", "1", "--num_accelerators", "2", "--master_port", "29999", "--module",
+                         "--no_local_rank", "--log_level", "warning", "dvtrain", "launch"]
     assert cmd[-5:] == ["--output-dir", str(tmp_path), "--worker", "--set", "optim.base_lr=1e-3"][-5:]
     hf_cmd = deepspeed_command(Path("r.yaml"), [], tmp_path, True, None, Path("hosts"), master_port=1)
     assert hf_cmd[3:5] == ["--hostfile", "hosts"] and hf_cmd[-1] == "--resume"
+    verbose = deepspeed_command(Path("r.yaml"), [], tmp_path, False, 2, None, master_port=1, verbose=True)
+    assert verbose[verbose.index("--log_level") + 1] == "info" and verbose[-1] == "--verbose"

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from dvtrain.checkpoint import layout
+from dvtrain.faults import fault_at
 from dvtrain.checkpoint.atomic import (
     atomic_checkpoint_dir,
     find_latest_checkpoint,
@@ -33,13 +34,9 @@ from dvtrain.checkpoint.atomic import (
     recover_checkpoints,
 )
 
-__all__ = ["Checkpointer", "Stateful", "FAULT_ENV"]
+__all__ = ["Checkpointer", "Stateful"]
 
 log = logging.getLogger(__name__)
-
-#: Fault injection for crash tests: ``DVTRAIN_FAULT=kill_in_save:<iteration>`` makes rank 0 SIGKILL
-#: itself while writing the checkpoint of that iteration (after the engine's files, before COMPLETE).
-FAULT_ENV = "DVTRAIN_FAULT"
 
 #: Global parts and their files.
 GLOBAL_FILES = {"train_state": layout.TRAIN_STATE_FILE, "data": layout.DATA_FILE, "run": layout.RUN_FILE}
@@ -61,13 +58,6 @@ class EngineLike(Protocol):
     def save(self, directory: str | Path) -> None: ...
 
     def load(self, directory: str | Path) -> None: ...
-
-
-def _fault_iteration() -> int | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if spec.startswith("kill_in_save:"):
-        return int(spec.split(":", 1)[1])
-    return None
 
 
 class Checkpointer:
@@ -127,7 +117,7 @@ class Checkpointer:
                 if name in parts:
                     torch.save(parts[name].state_dict(), tmp / layout.rank_file(template, self.rank))
             if is_main:
-                if _fault_iteration() == iteration:
+                if fault_at("kill_in_save", iteration):  # crash tests (dvtrain.faults)
                     os.kill(os.getpid(), signal.SIGKILL)
                 for name, file in GLOBAL_FILES.items():
                     if name in parts:

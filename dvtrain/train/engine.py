@@ -76,9 +76,7 @@ class EngineConfig:
         clip_grad: max gradient norm; 0 = no clipping.
         clip_mode: ``"global"`` (one norm over the student; DeepSpeed's ``gradient_clipping`` must
             be set to ``clip_grad`` in the config) or ``"per_module"`` (the reference: each of
-            ``clip_modules`` clipped to ``clip_grad`` on its own; DeepSpeed's clipping must be 0).
-        clip_modules: names of the student's sub-modules clipped separately (per_module mode);
-            None = every child of ``model.student``.
+            child of ``model.student`` clipped to ``clip_grad`` on its own; DeepSpeed's clipping must be 0).
         leaf_module_classes: module classes ZeRO-3 gathers as one unit (e.g. the ViT ``Block``), so
             it does not gather parameter by parameter inside a block.
     """
@@ -87,7 +85,6 @@ class EngineConfig:
     eps: float = 1e-8
     clip_grad: float = 0.0
     clip_mode: str = "global"
-    clip_modules: Sequence[str] | None = None
     leaf_module_classes: Sequence[type] = field(default_factory=tuple)
 
 
@@ -233,7 +230,7 @@ class ShardedTeacherEngine:
         self._clip_index: dict[int, int] = {}
         self.clip_module_names: list[str] = []
         if self.config.clip_mode == "per_module" and self.config.clip_grad > 0:
-            names = list(self.config.clip_modules or [n for n, _ in self.module.student.named_children()])
+            names = [n for n, _ in self.module.student.named_children()]
             self.clip_module_names = names
             for idx, name in enumerate(names):
                 for p in self.module.student[name].parameters():

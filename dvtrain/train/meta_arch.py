@@ -7,12 +7,13 @@ weighted total; the engine runs backward / step.
 Structure (so one engine wraps the whole module and student and teacher are partitioned the same
 way by construction): ``student = ModuleDict(backbone, dino_head[, ibot_head])``; ``teacher`` is a
 deep copy with its own storage and ``requires_grad=False``; ``dino_loss`` and ``ibot_patch_loss``
-hold the ``center`` buffers (checkpointed with the module's state_dict).
+hold the ``center`` buffers (checkpointed as persistent buffers in the trainer's train state).
 
-Step protocol (per optimizer step, on every rank):
+Step protocol (per optimizer step, on every rank; ``dvtrain.train.trainer.Trainer.train_step``):
     for micro_batch in step:  losses = model(batch, teacher_temp); backward(losses["total"])
-    optimizer step; teacher EMA (``update_teacher`` or the engine's sharded EMA);
-    ``model.apply_center_update()``   # collective; folds this step's teacher statistics into the centers
+    optimizer step (the engine; fp16 may skip it)
+    ``model.apply_center_update()``   # collective, every step; folds this step's teacher statistics
+    teacher EMA (the engine's sharded EMA, or ``update_teacher``), only when the step was applied
 
 Shape legend: B images per rank, n local crops, N patch tokens per global crop, M masked tokens,
 D embed width, K prototypes.

@@ -5,7 +5,8 @@ Order of a run (the console shows each phase on rank 0):
 2. resume: crash leftovers of an interrupted save are finished or cleared, then the newest complete
    checkpoint restores every part of the run state (engine, train state, RNG, data position, run
    identity) - see :mod:`dvtrain.checkpoint`;
-3. the metrics sink (``metrics.jsonl`` cut back to the resumed iteration, W&B continuing the same run id);
+3. the metrics sink (``metrics.jsonl`` cut back to the iteration training starts from - rows a killed
+   launch logged after its last checkpoint are replayed - and W&B continuing the same run id);
 4. :meth:`Trainer.fit` with the progress bar, periodic loss lines and checkpoints;
 5. teacher export, pictures, k-NN (when the run is done), ``summary.json``, a closing summary block.
 
@@ -32,6 +33,7 @@ from dvtrain import dist
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.checkpoint.layout import CHECKPOINTS_DIR
 from dvtrain.checkpoint.rng import RNGState
+from dvtrain.faults import maybe_signal_self
 from dvtrain.recipe import Recipe, dump_recipe, resolve_ds_config
 
 __all__ = ["run_worker", "RunIdentity", "checkpoint_root", "STATUS_EXIT_CODES"]
@@ -156,7 +158,7 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool, stop: Any = None, ve
 
     saved_rng = RNGState().state_dict()  # W&B start-up must not move the restored RNG states
     logger = RunLogger(run_dir, recipe, rank=info.rank, run_id=identity.wandb_run_id,
-                       resume_iteration=start_iteration if resumed_from is not None else None,
+                       resume_iteration=start_iteration,
                        extra_config={"world_size": info.world_size, **d.model_dump()})
     RNGState().load_state_dict(saved_rng)
     meter = RunMeter(recipe.batch.micro_batch_per_device * recipe.batch.grad_accum_steps, info.world_size,
@@ -174,6 +176,7 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool, stop: Any = None, ve
         meter.step()
         last.update(metrics)
         it = trainer.iteration
+        maybe_signal_self(it, info.rank)  # crash tests only (DVTRAIN_FAULT)
         if not metrics["step_applied"]:
             skipped_in_a_row["n"] += 1
             if skipped_in_a_row["n"] == 1 and trainer.engine.dtype == torch.float16 and math.isfinite(metrics["total"]):
@@ -185,9 +188,8 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool, stop: Any = None, ve
             progress.note(f"fp16: loss scale settled at {metrics['loss_scale']:g} after {skipped_in_a_row['n']} "
                           f"skipped step(s); iteration {it}")
             skipped_in_a_row["n"] = 0
-        if it % recipe.wandb.log_every == 0 or it == d.total_iterations or metrics.get("stopping"):
+        if it % recipe.wandb.log_every == 0 or it == d.total_iterations:
             row = dict(metrics)
-            row.pop("stopping", None)
             row.update(meter.window())
             row["images_seen"] = it * d.global_batch
             logger.log(it, row)

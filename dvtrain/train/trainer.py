@@ -323,8 +323,8 @@ class Trainer:
 
         Args:
             data: iterator of collated micro-batches (``grad_accum_steps`` are consumed per step).
-            on_step: called with each step's metrics (after accounting, before checkpointing);
-                ``metrics["stopping"]`` is 1.0 on the last step of a stopped run.
+            on_step: called with each step's metrics (after accounting, before the stop agreement
+                and checkpointing).
             checkpointer: where the state goes; None = no checkpoints.
             parts: extra stateful parts (``data``, ``run``) saved with every checkpoint.
             max_iterations: stop when ``iteration`` reaches this.
@@ -350,10 +350,9 @@ class Trainer:
                 reason = "data_exhausted"
                 break
             metrics = self.train_step(mbs if gas > 1 else mbs[0])
-            stopping = self._agree_stop(stop_requested)
-            metrics["stopping"] = float(stopping)
             if on_step is not None:
                 on_step(metrics)
+            stopping = self._agree_stop(stop_requested)
             if checkpointer is not None and metrics["step_applied"] and self.iteration % every == 0:
                 self.save_checkpoint(checkpointer, parts)
                 last_saved = self.iteration
