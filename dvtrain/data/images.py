@@ -199,10 +199,14 @@ def encode(im: Image.Image, fmt: str) -> bytes:
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """An opened PIL image as 8-bit, upright RGB (EXIF orientation applied, 16-bit scaled, then ``convert``)."""
-    orientation = im.getexif().get(ORIENTATION_TAG, 1)
-    if orientation not in (1, None):
-        im = ImageOps.exif_transpose(im)
+    """An opened PIL image as 8-bit, upright RGB (EXIF orientation applied, 16-bit scaled, then ``convert``).
+
+    Images without EXIF data (most PNGs, every array-converted sample) skip the EXIF parse.
+    """
+    if "exif" in im.info or im.format in ("JPEG", "MPO", "TIFF", "WEBP"):
+        orientation = im.getexif().get(ORIENTATION_TAG, 1)
+        if orientation not in (1, None):
+            im = ImageOps.exif_transpose(im)
     return to_8bit(im).convert("RGB")
 
 
@@ -253,5 +257,6 @@ def decode_image(data: bytes) -> "torch.Tensor":
     jpeg = _jpeg_decoder() if data[:2] == _JPEG_MAGIC else None
     if jpeg is not None:
         return jpeg(data)
-    rgb = _decode_pil(data, verify=False).image.convert("RGB")
+    with Image.open(io.BytesIO(data)) as im:
+        rgb = to_rgb(im)  # a new image; the source closes on leaving the block
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
