@@ -42,7 +42,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dvtrain.data.augment import MultiCropAugmentation  # noqa: E402
+from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, MultiCropAugmentation  # noqa: E402
 from dvtrain.data.collate import collate_multicrop  # noqa: E402
 from dvtrain.data.loader import build_loader, decode_image  # noqa: E402
 from dvtrain.data.shards import convert_to_mds, load_idx  # noqa: E402
@@ -158,7 +158,7 @@ def reference_recipe():
                        T.RandomHorizontalFlip(p=0.5)])
     jitter = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
                         T.RandomGrayscale(p=0.2)])
-    norm = T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    norm = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     g1 = T.Compose([jitter, blur(1.0), norm])
     g2 = T.Compose([jitter, blur(0.1), T.RandomSolarize(threshold=128, p=0.2), norm])
     loc = T.Compose([jitter, blur(0.5), norm])

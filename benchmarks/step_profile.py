@@ -136,7 +136,8 @@ def build_variant(recipe, variant: str):
 
     from dvtrain.train.meta_arch import SSLMetaArch
     from dvtrain.train.param_groups import apply_schedule_to_param_groups
-    from dvtrain.train.trainer import meta_arch_config_from_recipe, schedules_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
+    from dvtrain.train.trainer import schedules_from_recipe
 
     random.seed(0), np.random.seed(0), torch.manual_seed(0)
     model = SSLMetaArch(meta_arch_config_from_recipe(recipe))

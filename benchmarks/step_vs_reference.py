@@ -154,7 +154,7 @@ def build_plain(a, fused=False, packed=True):
     import torch
 
     from dvtrain.train.meta_arch import SSLMetaArch
-    from dvtrain.train.trainer import meta_arch_config_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 
     r = our_recipe(a)
     torch.manual_seed(0)

@@ -17,7 +17,6 @@ Shape legend: M = tokens, H = SwiGLU hidden width, B = KoLeo rows, D = feature w
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.kernels.koleo import koleo_loss_reference, koleo_loss_triton
 from dvtrain.kernels.swiglu import swiglu_reference, swiglu_triton
 
@@ -240,5 +240,5 @@ def run_kernel_bench(json_path: str | None = None, quick: bool = False, select: 
     report["ratios"] = ratios
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(report, indent=2))
+        write_json_atomic(json_path, report)
     return report

@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from dvtrain.errors import user_errors
+from dvtrain.errors import user_errors, warn
 from dvtrain.recipe import derive, dump_recipe, load_recipe, resolve_ds_config
 
 app = typer.Typer(
@@ -40,11 +40,21 @@ def validate(
 ) -> None:
     """Validate a recipe; print a one-line summary, or every problem with its field path.
 
+    The data location is checked too (a local MDS directory with index.json, or an object store with
+    credentials and a reachable endpoint, as `dvtrain launch` checks it); a problem there is a warning,
+    since the recipe may be validated on another machine than the one that trains.
+
     Example: dvtrain validate recipes/vitg14.yaml --set optim.base_lr=1e-4
     """
+    from dvtrain.launch import check_data_location
+
     r = load_recipe(recipe, overrides or [])
     d = derive(r, world_size)
     resolve_ds_config(r, world_size)
+    try:
+        check_data_location(r.data.path)
+    except ValueError as exc:
+        warn(f"{exc}. `dvtrain launch` would stop here")
     from dvtrain.models.init_from import check_init_from
 
     check_init_from(r)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.recipe import REPO_ROOT, load_recipe
 
 FMNIST = REPO_ROOT / "data" / "fashion_mnist"
@@ -87,7 +88,7 @@ def run_demo(output_dir: Path | None = None, overrides: list[str] = (), nproc: i
         "final_losses": result["final_losses"],
         "run_dir": str(run_dir),
     }
-    (Path(run_dir) / "demo_report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(Path(run_dir) / "demo_report.json", report)
     print("\nFashion-MNIST k-NN (k=%d, T=%g, %d-image bank, 10k test images), top-1:" % (
         k, recipe.eval.temperature, recipe.eval.bank_size or 10000))
     print(f"  dvtrain teacher ({result['iterations']} iterations, {result['wall_time_s'] / 60:.1f} min): {teacher:6.2f} %")

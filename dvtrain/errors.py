@@ -1,7 +1,8 @@
 """User-facing error handling shared by every CLI command.
 
 A user error (a bad recipe, file, field, sample or option) is one message on stderr and exit status 1,
-without a traceback; anything else is a bug and keeps its traceback.
+without a traceback; anything else is a bug and keeps its traceback. A warning (:func:`warn`) is one
+line on stderr and changes no exit status.
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def report(exc: BaseException) -> None:
     """Print a user error: each problem of a :class:`RecipeError` on its own line."""
     for problem in exc.problems if isinstance(exc, RecipeError) else [str(exc)]:
         err_console.print(f"[red]error:[/red] {problem}", markup=True)
+
+
+def warn(message: str) -> None:
+    """Print one warning line on stderr (``warning: ...``): something the user should fix, not an error."""
+    err_console.print(f"[yellow]warning:[/yellow] {message}", markup=True)
 
 
 def user_errors(fn: Callable) -> Callable:

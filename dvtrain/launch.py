@@ -27,8 +27,9 @@ import yaml
 
 from dvtrain.checkpoint.atomic import find_latest_checkpoint
 from dvtrain.checkpoint.layout import checkpoint_iteration
-from dvtrain.data.remote import REMOTE_SCHEMES, is_remote
+from dvtrain.data.remote import check_remote, is_remote
 from dvtrain.dist import find_free_port, threads_per_rank
+from dvtrain.errors import warn
 from dvtrain.recipe import (
     RECIPE_PATHS,
     Recipe,
@@ -36,9 +37,9 @@ from dvtrain.recipe import (
     derive,
     dump_recipe,
     load_recipe,
+    precision_advice,
     resolve_ds_config,
 )
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -95,18 +96,13 @@ def overrides_from_sweep_params(path: str | os.PathLike | None = None) -> list[s
 
 
 def check_data_location(location: str, field: str = "data.path") -> None:
-    """A local MDS directory must hold ``index.json``; a remote URL must use a scheme streaming knows.
+    """A local MDS directory must hold ``index.json``; a remote URL must pass :func:`check_remote`.
 
     Raises:
         ValueError: naming the field, the location and what would be valid.
     """
     if is_remote(location):
-        if not location.startswith(REMOTE_SCHEMES):
-            raise ValueError(
-                f"{field}={location}: unsupported object store; use a local directory or one of "
-                + ", ".join(REMOTE_SCHEMES)
-            )
-        return
+        return check_remote(location, field)  # scheme, credentials, endpoint, index.json; bounded to ~30 s
     path = Path(location)
     if not path.exists():
         raise ValueError(
@@ -168,6 +164,27 @@ def _diff_paths(a: Any, b: Any, prefix: str = "") -> set[str]:
     return set() if a == b else {prefix.rstrip(".")}
 
 
+def check_precision(recipe: Recipe) -> None:
+    """fp16 where DeepSpeed cannot run it is an error; a precision that is a poor fit for this machine
+    is one warning (:func:`dvtrain.recipe.precision_advice`).
+
+    Raises:
+        ValueError: ``precision=fp16`` without CUDA on a CPU whose DeepSpeed accelerator has no fp16
+            support (DeepSpeed would stop after building the model with "Type fp16 is not supported").
+    """
+    import torch
+
+    if recipe.precision == "fp16" and not torch.cuda.is_available():
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise ValueError("precision=fp16: this machine has no CUDA device and DeepSpeed's CPU accelerator has "
+                             "no fp16 support on this CPU; use --set precision=bf16 (or fp32)")
+    advice = precision_advice(recipe)
+    if advice:
+        warn(advice)
+
+
 def preflight(recipe: Recipe, run_dir: Path, resume: bool, world_size: int) -> bool:
     """Every check that must pass before a process starts; returns whether the run resumes.
 
@@ -175,6 +192,7 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world_size: int) -> b
         RecipeError / ValueError: with a one-line reason.
     """
     resolve_ds_config(recipe, world_size)  # the per-rank batch >= 2 rule is part of recipe validation
+    check_precision(recipe)
     check_data_location(recipe.data.path)
     resuming = check_output_dir(run_dir, recipe, resume)
     if not resuming:  # a resumed run reads its own checkpoint, never model.init_from

@@ -22,11 +22,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dvtrain.models.archs import ARCH_NAMES, ARCH_SPECS
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DS_CONFIG_DIR = REPO_ROOT / "ds_configs"
-
-ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2")
-
 
 class RecipeError(ValueError):
     """A recipe (file, field or override) is invalid. ``problems`` lists one message per problem."""
@@ -96,7 +95,7 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """Backbone (``dinov2/models/vision_transformer.py``)."""
 
-    arch: Literal["vit_tiny", "vit_small", "vit_base", "vit_large", "vit_giant2", "from_init"] = Field(
+    arch: Literal[(*ARCH_NAMES, "from_init")] = Field(  # type: ignore[valid-type] - dvtrain.models.archs names
         "vit_small",
         description="Backbone size: widths/depths/heads of the reference (vit_tiny: 192/12/3); from_init = the "
         "architecture of model.init_from (patch, width, depth, heads, FFN, registers, position resampling).",
@@ -368,10 +367,13 @@ class Recipe(BaseModel):
                 f"teacher.momentum_start={self.teacher.momentum_start} exceeds "
                 f"teacher.momentum_end={self.teacher.momentum_end}: the momentum schedule rises to the end value"
             )
-        if self.optim.warmup_epochs > self.schedule.epochs:
-            problems.append(
-                f"optim.warmup_epochs={self.optim.warmup_epochs} exceeds schedule.epochs={self.schedule.epochs}"
-            )
+        for path, warmup in (("optim.warmup_epochs", self.optim.warmup_epochs),
+                             ("teacher.temp_warmup_epochs", self.teacher.temp_warmup_epochs)):
+            if warmup > self.schedule.epochs:  # a warmup must end within the run
+                problems.append(
+                    f"{path}={warmup} exceeds schedule.epochs={self.schedule.epochs}: a warmup must end within "
+                    f"the run, use {path} <= {self.schedule.epochs}"
+                )
         if self.loss.koleo_weight > 0 and self.batch.micro_batch_per_device < 2:
             problems.append(
                 f"batch.micro_batch_per_device={self.batch.micro_batch_per_device}: KoLeo needs a nearest "
@@ -391,8 +393,8 @@ class Recipe(BaseModel):
             if not self.model.init_from:
                 problems.append("model.arch=from_init needs model.init_from (the checkpoint whose architecture to use)")
         else:
-            width = self.model.embed_dim or _ARCH_WIDTH_HEADS[self.model.arch][0]
-            heads = self.model.num_heads or _ARCH_WIDTH_HEADS[self.model.arch][1]
+            width = self.model.embed_dim or ARCH_SPECS[self.model.arch]["embed_dim"]
+            heads = self.model.num_heads or ARCH_SPECS[self.model.arch]["num_heads"]
             if width % heads:
                 problems.append(f"model.embed_dim={width} is not divisible by model.num_heads={heads}")
         dc = self.distill
@@ -409,15 +411,6 @@ class Recipe(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
-
-
-_ARCH_WIDTH_HEADS = {
-    "vit_tiny": (192, 3),
-    "vit_small": (384, 6),
-    "vit_base": (768, 12),
-    "vit_large": (1024, 16),
-    "vit_giant2": (1536, 24),
-}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,3 +693,48 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def dump_recipe(recipe: Recipe) -> str:
     """The recipe as YAML (every field, defaults included); ``load_recipe`` reads it back identically."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Advice on the machine a recipe runs on (warnings, not errors: the recipe stays valid)
+# --------------------------------------------------------------------------------------------------
+
+
+def precision_advice(recipe: Recipe, cuda_available: bool | None = None, cuda_bf16: bool | None = None) -> str | None:
+    """One warning when ``recipe.precision`` is a poor fit for this machine, else None.
+
+    - ``fp16`` without a CUDA device: CPUs without fp16 matrix units run fp16 GEMMs in software (one
+      512 x 512 fp16 matmul took ~200x the bf16 time on the project's AMD EPYC; whole training steps of
+      the shipped recipes ran at about a quarter of bf16's speed), and DeepSpeed's dynamic loss scale
+      starts at 2^16 and settles by skipping optimizer steps (the iteration count stands still
+      meanwhile). Suggests bf16.
+    - ``bf16`` on a CUDA device without native bf16 (compute capability < 8.0, e.g. V100/T4): suggests
+      fp16.
+
+    Args:
+        recipe: a validated recipe.
+        cuda_available: whether a CUDA device is present; None = ``torch.cuda.is_available()``.
+        cuda_bf16: whether that device computes bf16 natively; None = ask torch (only when CUDA is present).
+
+    Returns:
+        The warning text (one line, naming ``precision`` and the override to use), or None.
+    """
+    if recipe.precision not in ("fp16", "bf16"):
+        return None
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    if recipe.precision == "fp16" and not cuda_available:
+        return ("precision=fp16 without a CUDA device: fp16 runs about 4x slower than bf16 on CPU (no fp16 "
+                "matrix units) and the fp16 loss scale settles by skipping the first steps; use "
+                "--set precision=bf16 (or fp32 on a CPU without bf16 support)")
+    if recipe.precision == "bf16" and cuda_available:
+        if cuda_bf16 is None:
+            import torch
+
+            cuda_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not cuda_bf16:
+            return ("precision=bf16 on a CUDA device without native bf16 (compute capability < 8.0): bf16 is "
+                    "emulated there; use --set precision=fp16")
+    return None

@@ -30,9 +30,11 @@ import typer
 from PIL import Image
 from torch import Tensor
 
+from dvtrain.data.augment import normalise
+from dvtrain.data.images import to_rgb
 from dvtrain.errors import run_user_command
 from dvtrain.eval.commands import CHECKPOINT_HELP
-from dvtrain.eval.features import IMAGENET_MEAN, IMAGENET_STD, open_image
+from dvtrain.eval.features import open_image
 from dvtrain.models.vit import DinoVisionTransformer
 
 viz_app = typer.Typer(
@@ -67,15 +69,14 @@ def prepare_image(image: Image.Image, image_size: int, patch_size: int) -> tuple
     """
     if image_size < patch_size:
         raise ValueError(f"image size {image_size} is smaller than the patch size {patch_size}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     s = image_size / min(w, h)
     W = max(patch_size, round(w * s / patch_size) * patch_size)
     H = max(patch_size, round(h * s / patch_size) * patch_size)
     image = image.resize((W, H), Image.Resampling.BICUBIC)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    x = (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return x[None], image
+    return normalise(x)[None], image
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,14 +27,6 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_ranks(test_file: str, fn_name: str, world_size: int, tmp_path: Path, args: dict | None = None,
               timeout_s: float = 240.0) -> list[Any]:
     """Spawn ``world_size`` processes running ``fn_name`` of ``test_file``; return their results.
@@ -47,7 +39,9 @@ def run_ranks(test_file: str, fn_name: str, world_size: int, tmp_path: Path, arg
     out_dir = Path(tmp_path) / f"ranks_{fn_name}_{time.time_ns()}"
     out_dir.mkdir(parents=True)
     (out_dir / "args.json").write_text(json.dumps(args or {}))
-    port = _free_port()
+    from dvtrain.dist import find_free_port
+
+    port = find_free_port()
     procs = []
     for rank in range(world_size):
         env = dict(os.environ)

@@ -59,6 +59,21 @@ def test_show_derived_and_ds_config():
     assert networks[0].startswith("student: ") and networks[1].startswith("teacher (EMA of the student): ")
 
 
+def test_validate_warns_on_a_missing_local_data_path(tmp_path):
+    """validate warns (exit 0) where launch would stop; a valid MDS directory gives no warning."""
+    missing = tmp_path / "no-such-mds"
+    res = runner.invoke(app, ["validate", str(REPO / "recipes/smoke_cpu.yaml"), "--set", f"data.path={missing}"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: data.path={missing}: no such directory; convert images first" in res.output
+    assert "`dvtrain launch` would stop here" in res.output and "ok " in res.output
+    (tmp_path / "mds").mkdir()
+    res = runner.invoke(app, ["validate", str(REPO / "recipes/smoke_cpu.yaml"), "--set", f"data.path={tmp_path / 'mds'}"])
+    assert res.exit_code == 0 and "not an MDS dataset (no index.json)" in res.output
+    (tmp_path / "mds" / "index.json").write_text("{}")
+    res = runner.invoke(app, ["validate", str(REPO / "recipes/smoke_cpu.yaml"), "--set", f"data.path={tmp_path / 'mds'}"])
+    assert res.exit_code == 0 and "warning" not in res.output, res.output
+
+
 def test_set_unknown_path_is_error():
     res = runner.invoke(app, ["validate", str(REPO / "recipes/vits14.yaml"), "--set", "model.archh=vit_base"])
     assert res.exit_code == 1

@@ -48,7 +48,7 @@ def teacher_run(tmp_path_factory) -> Path:
 def test_heads_objective_is_ssl_with_the_frozen_teacher_as_target():
     from dvtrain.train.distill import DistillMetaArch
     from dvtrain.train.meta_arch import SSLMetaArch
-    from dvtrain.train.trainer import meta_arch_config_from_recipe
+    from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 
     cfg = meta_arch_config_from_recipe(tiny_recipe())
     torch.manual_seed(0)

@@ -2,7 +2,6 @@
 
 import math
 import os
-import socket
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from dvtrain.eval.knn import (
     rank_classes,
     topk_neighbors,
 )
+from dvtrain.dist import find_free_port
 
 
 def _unit(*xy):
@@ -211,12 +211,6 @@ def test_backbone_wrapper_uses_cls_token():
 # two ranks (gloo)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, data, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -245,7 +239,7 @@ def test_two_ranks_equal_one_process():
     single = knn_eval_features(train[order], train_y[order], val, val_y, ks=(1, 5, 50, 500))
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), (train, train_y, val, val_y), out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, find_free_port(), (train, train_y, val, val_y), out), nprocs=2, join=True)
         results = dict(out)
     assert results[0][1] == [0, 2, 4, 1, 3] == results[1][1]
     assert results[0][0] == single and results[1][0] == single

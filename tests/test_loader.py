@@ -8,7 +8,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ from PIL import Image
 
 from dvtrain.data.loader import build_loader
 from dvtrain.data.shards import COLUMNS, convert_to_mds
+from dvtrain.dist import find_free_port
 
 REPO = Path(__file__).resolve().parents[1]
 FMNIST_TEST = REPO / "data" / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"
@@ -188,14 +188,8 @@ def test_drop_last_partial_tail_counts_as_epoch_end(fmnist100, tmp_path):
     assert (ld.epoch, ld.sample_in_epoch) == (1, 0)  # no full batch left -> next epoch
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_ranks(args: dict) -> list[dict]:
-    port = str(free_port())
+    port = str(find_free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": "2",

@@ -6,7 +6,6 @@ References: dinov2/loss/dino_clstoken_loss.py, dinov2/loss/ibot_patch_loss.py, d
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import torch.multiprocessing as mp
 
 from dvtrain.losses.dino import DINOLoss, sinkhorn_knopp
 from dvtrain.losses.ibot import iBOTPatchLoss
+from dvtrain.dist import find_free_port
 
 LN3 = math.log(3.0)
 # student logits s = [0.1 ln 3, 0] at T_s = 0.1 -> softmax = [3/4, 1/4]
@@ -197,12 +197,6 @@ def test_koleo_module_sums_crops_hand_computed():
 
 
 # ---------------------------------------------------------------- two processes (gloo)
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_worker(rank, world, port, logits, rows_per_rank, centers, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -225,7 +219,7 @@ def test_sinkhorn_and_center_are_global_over_ranks():
     centers = [torch.tensor([[float("nan"), 0.0, 0.0]]), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_dist_worker, args=(2, _free_port(), logits, rows, centers, out), nprocs=2, join=True)
+        mp.spawn(_dist_worker, args=(2, find_free_port(), logits, rows, centers, out), nprocs=2, join=True)
         results = dict(out)
     full = sinkhorn_knopp(logits, 0.04)
     assert torch.allclose(torch.cat([results[0][0], results[1][0]]), full, atol=1e-6)

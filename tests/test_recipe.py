@@ -14,6 +14,7 @@ from dvtrain.recipe import (
     load_recipe,
     nearest_multiples,
     parse_yaml,
+    precision_advice,
     recipe_from_dict,
     resolve_ds_config,
 )
@@ -110,6 +111,31 @@ def test_koleo_needs_two_images_per_rank():
     with pytest.raises(RecipeError, match=r"micro_batch_per_device=1: KoLeo needs a nearest neighbour"):
         recipe_from_dict({"batch": {"micro_batch_per_device": 1}})
     assert recipe_from_dict({"batch": {"micro_batch_per_device": 1}, "loss": {"koleo_weight": 0}})
+
+
+def test_warmups_must_end_within_the_run():
+    """One rule for both warmups: the lr warmup and the teacher-temperature warmup."""
+    for section, key in (("optim", "warmup_epochs"), ("teacher", "temp_warmup_epochs")):
+        with pytest.raises(RecipeError) as exc:
+            recipe_from_dict({"schedule": {"epochs": 40}, section: {key: 50}})  # defaults: 10 and 30 epochs
+        (msg,) = exc.value.problems
+        assert msg.endswith(f"{section}.{key}=50.0 exceeds schedule.epochs=40.0: a warmup must end within the "
+                            f"run, use {section}.{key} <= 40.0"), msg
+        assert recipe_from_dict({"schedule": {"epochs": 40}, section: {key: 40}})  # ending at the last step is fine
+
+
+def test_precision_advice():
+    fp16, bf16 = recipe_from_dict({"precision": "fp16"}), recipe_from_dict({"precision": "bf16"})
+    advice = precision_advice(fp16, cuda_available=False)
+    assert advice.startswith("precision=fp16 without a CUDA device") and "--set precision=bf16" in advice
+    assert "skipping" in advice
+    assert precision_advice(fp16, cuda_available=True) is None
+    assert precision_advice(bf16, cuda_available=False) is None
+    assert precision_advice(bf16, cuda_available=True, cuda_bf16=True) is None
+    assert "--set precision=fp16" in precision_advice(bf16, cuda_available=True, cuda_bf16=False)
+    assert precision_advice(recipe_from_dict({"precision": "fp32"}), cuda_available=False) is None
+    shipped = load_recipe(REPO / "recipes/vits14.yaml")  # the shipped GPU recipes are fp16
+    assert shipped.precision == "fp16" and precision_advice(shipped, cuda_available=False) == advice
 
 
 def test_every_problem_reported():

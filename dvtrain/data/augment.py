@@ -45,11 +45,44 @@ from PIL import Image
 from torchvision.transforms import InterpolationMode, v2
 from torchvision.transforms.v2 import functional as TF
 
-__all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD", "denormalise",
-           "crop_grid"]
+from dvtrain.data.images import to_rgb
 
+__all__ = ["MultiCropAugmentation", "CropTrace", "BLUR_PROBABILITIES", "IMAGENET_MEAN", "IMAGENET_STD",
+           "normalise", "denormalise", "crop_grid"]
+
+#: ImageNet channel statistics (RGB, on the 0..1 scale) of every dvtrain normalisation: training crops,
+#: eval/viz inputs, the Hugging Face image-processor config of exports. The one owner of these numbers.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise(x_3HW: torch.Tensor) -> torch.Tensor:
+    """ImageNet normalisation ``(x - mean) / std`` of an RGB image on the 0..1 scale.
+
+    Args:
+        x_3HW: float tensor [3, H, W] (or [B, 3, H, W]) with values in [0, 1].
+
+    Returns:
+        float tensor of the same shape and dtype.
+    """
+    mean = torch.tensor(IMAGENET_MEAN, dtype=x_3HW.dtype, device=x_3HW.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=x_3HW.dtype, device=x_3HW.device).view(3, 1, 1)
+    return (x_3HW - mean) / std
+
+
+def denormalise(crop_3HW: torch.Tensor):
+    """Undo :func:`normalise` for display: a normalised crop back to 8-bit RGB pixels.
+
+    Args:
+        crop_3HW: float (any dtype) tensor [3, H, W], ImageNet-normalised.
+
+    Returns:
+        numpy uint8 array [H, W, 3]: ``round(clamp(x * std + mean, 0, 1) * 255)``.
+    """
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    x = crop_3HW.detach().float().cpu()
+    return ((x * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 #: Blur probability for (global crop 1, global crop 2, local crops) per mode.
 BLUR_PROBABILITIES: dict[str, tuple[float, float, float]] = {
@@ -301,7 +334,7 @@ class MultiCropAugmentation:
             ValueError: a tensor that is not uint8 [C, H, W] with C in {1, 3}, or another type.
         """
         if isinstance(image, Image.Image):
-            return TF.pil_to_tensor(image.convert("RGB"))
+            return TF.pil_to_tensor(to_rgb(image))  # EXIF orientation, 16-bit scaling (data/images.py)
         if not isinstance(image, torch.Tensor):
             raise ValueError(f"expected a PIL image or a uint8 tensor [C, H, W], got {type(image).__name__}")
         if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] not in (1, 3):
@@ -344,13 +377,6 @@ class MultiCropAugmentation:
             ValueError: unsupported input type, dtype or shape.
         """
         return self.forward_with_trace(image)[0]
-
-
-def denormalise(crop_CHW: torch.Tensor):
-    """An ImageNet-normalised crop float [3, H, W] back to a uint8 numpy picture [H, W, 3]."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return ((crop_CHW.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
 def crop_grid(batch: dict, max_images: int = 4):

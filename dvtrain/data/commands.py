@@ -56,6 +56,9 @@ def convert(
 ) -> None:
     """Convert images to MDS shards + manifest.json; undecodable files are skipped and listed.
 
+    16-bit images are scaled to 8 bit (x >> 8) and EXIF orientation is applied (both re-encoded and
+    counted in the manifest), so the shards hold 8-bit, upright images.
+
     Example: dvtrain data convert data/fashion_mnist/train-images-idx3-ubyte.gz data/mds/fmnist_train
     """
     from dvtrain.data.shards import convert_to_mds
@@ -67,7 +70,8 @@ def convert(
     m = report.manifest
     console.print(f"wrote {m['num_samples']} samples to {report.out} "
                   f"({m['num_labels']} labels, formats {m['image_formats']}, "
-                  f"{m['num_resized']} resized)")
+                  f"{m['num_resized']} resized, {m['num_scaled_from_16bit']} scaled from 16 to 8 bit, "
+                  f"{m['num_exif_transposed']} turned upright by their EXIF orientation)")
     if m["skipped"]:
         console.print(f"[yellow]skipped {m['num_skipped']} file(s):[/yellow]")
         for s in m["skipped"][:50]:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from dvtrain.data.images import open_rgb
 from dvtrain.data.shards import MANIFEST_NAME, iter_label_names
 
 __all__ = ["contact_sheet", "dataset_stats"]
@@ -100,11 +101,9 @@ def _tile(img: Image.Image, side: int) -> Image.Image:
 
 def _crop_to_image(crop_CHW) -> Image.Image:
     """Normalised float crop [3, S, S] -> uint8 RGB image (undoing ImageNet normalisation)."""
-    from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
+    from dvtrain.data.augment import denormalise
 
-    x = crop_CHW.detach().float().cpu().numpy().transpose(1, 2, 0)
-    x = x * np.asarray(IMAGENET_STD) + np.asarray(IMAGENET_MEAN)
-    return Image.fromarray(np.clip(x * 255.0 + 0.5, 0, 255).astype(np.uint8))
+    return Image.fromarray(denormalise(crop_CHW))
 
 
 def contact_sheet(
@@ -147,7 +146,7 @@ def contact_sheet(
     n = min(num_samples, len(ds))
     indices = sorted(int(i) for i in rng.choice(len(ds), size=n, replace=False))
     samples = [ds[i] for i in indices]
-    images = [Image.open(io.BytesIO(s["image"])) for s in samples]
+    images = [open_rgb(s["image"]) for s in samples]
 
     per_row = min(8, n)
     grid_rows = -(-n // per_row)
@@ -156,7 +155,7 @@ def contact_sheet(
         import torch
 
         from dvtrain.data.augment import MultiCropAugmentation
-        from dvtrain.data.loader import decode_image
+        from dvtrain.data.images import decode_image
 
         aug = MultiCropAugmentation(global_size, local_size, num_local_crops)
         torch.manual_seed(seed)

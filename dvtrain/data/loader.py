@@ -2,8 +2,9 @@
 
 Pipeline: MDS shards (``dvtrain data convert``) -> ``StreamingDataset`` (local dir, or remote URL +
 local cache; shuffled with a seed; partitioned over nodes/ranks/workers by streaming itself) ->
-decode + transform (multi-crop) inside DataLoader workers, one torch thread each -> ``collate_fn``
-(``dvtrain.data.collate.collate_multicrop``) -> pinned batches when training on CUDA.
+decode (``dvtrain.data.images.decode_image``) + transform (multi-crop) inside DataLoader workers, one
+torch thread each -> ``collate_fn`` (``dvtrain.data.collate.collate_multicrop``) -> pinned batches
+when training on CUDA.
 
 Legend: B = per-rank batch size, W = world size (ranks). One global step consumes B * W samples.
 
@@ -34,19 +35,18 @@ resume there) - replaced by streaming's deterministic partitioning and resumptio
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from streaming import StreamingDataset
 from torch.utils.data import DataLoader
+
+from dvtrain.data.images import decode_image  # the one decode (EXIF orientation, 16-bit); re-exported
 
 __all__ = [
     "MultiCropLoader",
@@ -62,46 +62,7 @@ logger = logging.getLogger(__name__)
 
 STATE_KEYS = ("epoch", "sample_in_epoch", "num_canonical_nodes", "shuffle_seed",
               "initial_physical_nodes")
-_JPEG_MAGIC = b"\xff\xd8"
 _LOCAL_PREDOWNLOAD = 1 << 40  # "no limit" for local-only datasets
-
-# torchvision 0.29 marks its image codecs deprecated (in favour of torchcodec) but ships them; use
-# them while they exist (libjpeg-turbo, ~25% faster than PIL here), fall back to PIL otherwise.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of "
-                        "TorchVision are deprecated", category=DeprecationWarning)
-try:
-    from torchvision.io import ImageReadMode as _ImageReadMode
-    from torchvision.io import decode_jpeg as _decode_jpeg
-except ImportError:  # pragma: no cover - future torchvision without codecs
-    _ImageReadMode = None
-    _decode_jpeg = None
-
-
-def decode_image(data: bytes) -> torch.Tensor:
-    """Decode image bytes to an RGB uint8 tensor.
-
-    JPEG goes through torchvision's libjpeg-turbo decoder (faster than PIL, and it raises on
-    truncated files); every other format through PIL (``LOAD_TRUNCATED_IMAGES`` untouched).
-
-    Args:
-        data: encoded image (JPEG, PNG, BMP, ...).
-
-    Returns:
-        uint8 tensor [3, H, W] (grayscale and palette images converted to RGB).
-
-    Raises:
-        RuntimeError / OSError / ValueError from the decoders when ``data`` does not decode.
-    """
-    if not data:
-        raise ValueError("empty image bytes")
-    if data[:2] == _JPEG_MAGIC and _decode_jpeg is not None:
-        return _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                            mode=_ImageReadMode.RGB)
-
-    with Image.open(io.BytesIO(data)) as im:
-        rgb = im.convert("RGB")
-    return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).contiguous()
-
 
 def sample_seed(seed: int, epoch: int, sample_id: int) -> int:
     """The augmentation seed of one sample: a 63-bit hash of (shuffle seed, epoch, sample id).

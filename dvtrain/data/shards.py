@@ -12,13 +12,15 @@ Sources (``convert_to_mds``'s ``src``):
   ``*-labels-idx1-ubyte[.gz]`` file when one exists.
 
 Output (local directory or an object-store URL that mosaicml-streaming uploads to):
-- MDS shards with columns ``image`` (bytes: JPEG/PNG/... as found, or re-encoded when resized;
-  arrays become lossless PNG), ``label`` (int, -1 when unlabelled) and ``key`` (str: the source path
+- MDS shards with columns ``image`` (bytes: JPEG/PNG/... as found, or re-encoded when resized,
+  16-bit or EXIF-rotated - see :mod:`dvtrain.data.images`; arrays become lossless PNG), ``label`` (int, -1 when unlabelled) and ``key`` (str: the source path
   relative to SRC, or ``name[index]`` for arrays), plus streaming's ``index.json``;
-- ``manifest.json``, written last: counts, label names and per-label counts, image formats, skipped
-  files with their reasons, and the source description.
+- ``manifest.json``, written last: counts (resized, scaled from 16 bit, turned upright by EXIF),
+  label names and per-label counts, image formats, skipped files with their reasons, and the source
+  description.
 
-Every image is decoded fully at conversion (``verify`` then ``load``); files that do not decode
+Every image is decoded fully at conversion (``verify`` then ``load``,
+:func:`dvtrain.data.images.decode_for_storage`); files that do not decode
 (truncated, corrupt, empty, not an image) are skipped and listed in the manifest. The output is
 deterministic: same source -> identical shard bytes. A local output is written to
 ``OUT.tmp-<pid>`` and renamed at the end, so an interrupted conversion never looks complete.
@@ -31,13 +33,11 @@ format); this module replaces that with streaming's MDS format.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import os
 import re
 import shutil
 import tempfile
-import urllib.parse
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -50,13 +50,16 @@ import multiprocessing as mp
 import numpy as np
 from PIL import Image, ImageFile
 
+from dvtrain.checkpoint.atomic import write_json_atomic
+from dvtrain.data.images import decode_for_storage, encode, resize_max_side
+from dvtrain.data.remote import check_remote, is_remote
+
 __all__ = [
     "COLUMNS",
     "IMAGE_EXTENSIONS",
     "MANIFEST_NAME",
     "ConversionReport",
     "convert_to_mds",
-    "is_remote",
     "load_idx",
     "read_manifest",
 ]
@@ -69,7 +72,6 @@ IMAGE_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm",
 )
 LABEL_MODES = ("auto", "from-folders", "none")
-JPEG_QUALITY = 95  # re-encoding quality (4:4:4) for resized JPEG sources
 _ARRAY_SUFFIXES = (".npy", ".npz")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -344,43 +346,8 @@ class _Result:
     width: int = 0
     height: int = 0
     resized: bool = False
-
-
-def _resized(im: Image.Image, max_side: int) -> Image.Image:
-    w, h = im.size
-    scale = max_side / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if im.mode not in ("L", "LA", "RGB", "RGBA"):
-        im = im.convert("RGBA" if "A" in im.getbands() or "transparency" in im.info else "RGB")
-    return im.resize(size, Image.Resampling.LANCZOS)
-
-
-def _encode(im: Image.Image, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    if fmt == "JPEG":
-        if im.mode not in ("L", "RGB"):
-            im = im.convert("RGB")
-        im.save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)  # 4:4:4 chroma
-    else:
-        im.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _decode_check(data: bytes, max_side: int | None) -> tuple[bytes, str, int, int, bool]:
-    """Fully decode ``data``; return (bytes to store, format, width, height, resized)."""
-    if not data:
-        raise ValueError("empty file (0 bytes)")
-    with Image.open(io.BytesIO(data)) as im:
-        fmt = im.format or "UNKNOWN"
-        im.verify()
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # decodes every pixel: catches truncation that verify() misses
-        w, h = im.size
-        if max_side is not None and max(w, h) > max_side:
-            small = _resized(im, max_side)
-            out_fmt = "JPEG" if fmt == "JPEG" else "PNG"
-            return _encode(small, out_fmt), out_fmt, small.size[0], small.size[1], True
-    return data, fmt, w, h, False
+    scaled_from_16bit: bool = False
+    exif_transposed: bool = False
 
 
 def _process(task: _Task, max_side: int | None) -> _Result:
@@ -392,11 +359,11 @@ def _process(task: _Task, max_side: int | None) -> _Result:
                 else task.array
             im = Image.fromarray(a)
             if max_side is not None and max(im.size) > max_side:
-                im = _resized(im, max_side)
+                im = resize_max_side(im, max_side)
                 resized = True
             else:
                 resized = False
-            return _Result(task.key, task.label, _encode(im, "PNG"), None, "PNG", im.size[0],
+            return _Result(task.key, task.label, encode(im, "PNG"), None, "PNG", im.size[0],
                            im.size[1], resized)
         assert task.path is not None
         try:
@@ -406,8 +373,9 @@ def _process(task: _Task, max_side: int | None) -> _Result:
             return _Result(task.key, task.label, None, "file not found")
         except OSError as e:
             return _Result(task.key, task.label, None, f"cannot read file: {e}")
-        out, fmt, w, h, resized = _decode_check(data, max_side)
-        return _Result(task.key, task.label, out, None, fmt, w, h, resized)
+        out, fmt, w, h, notes = decode_for_storage(data, max_side)
+        return _Result(task.key, task.label, out, None, fmt, w, h, notes["resized"], notes["scaled_from_16bit"],
+                       notes["exif_transposed"])
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
         return _Result(task.key, task.label, None, _reason(e))
 
@@ -442,12 +410,6 @@ def _ordered_results(tasks: Sequence[_Task], max_side: int | None, workers: int,
 
 # ----------------------------------------------------------------------------------------------
 # Writing
-
-
-def is_remote(out: str) -> bool:
-    """True when ``out`` is an object-store URL (``s3://``, ``gs://``, ...), False for a local path."""
-    scheme = urllib.parse.urlparse(str(out)).scheme
-    return len(scheme) > 1  # "C:" style drive letters are not URLs
 
 
 @dataclass
@@ -521,7 +483,8 @@ def convert_to_mds(
 
     Raises:
         ValueError: bad source, labels, ``max_side``/``workers``/``limit``; ``out`` exists and
-            ``overwrite`` is False; no source entry decodes; LOAD_TRUNCATED_IMAGES is enabled.
+            ``overwrite`` is False; no source entry decodes; LOAD_TRUNCATED_IMAGES is enabled; a
+            remote ``out`` fails :func:`dvtrain.data.remote.check_remote` (credentials, endpoint, bucket).
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         raise ValueError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: truncated images would pass "
@@ -532,6 +495,8 @@ def convert_to_mds(
         raise ValueError(f"workers must be >= 1, got {workers}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    if is_remote(out):  # credentials, endpoint and bucket before any image is read (bounded, ~30 s)
+        check_remote(str(out), "OUT", expect_dataset=False)
     src_path = Path(src).expanduser()
     source = _build_source(src_path, labels, Path(labels_file) if labels_file else None)
     if label_names is not None:
@@ -571,7 +536,7 @@ def convert_to_mds(
     widths: list[int] = []
     heights: list[int] = []
     skipped = list(pre_skipped)
-    num_resized = 0
+    num_resized = num_16bit = num_exif = 0
     try:
         with _progress_bar(progress) as bar:
             job = bar.add_task("convert", total=len(tasks), skipped=len(skipped))
@@ -585,6 +550,8 @@ def convert_to_mds(
                     widths.append(res.width)
                     heights.append(res.height)
                     num_resized += int(res.resized)
+                    num_16bit += int(res.scaled_from_16bit)
+                    num_exif += int(res.exif_transposed)
                 bar.update(job, advance=1, skipped=len(skipped))
                 if on_result is not None:
                     on_result(i + 1)
@@ -595,12 +562,12 @@ def convert_to_mds(
         writer.finish()  # writes the last shard and index.json (uploads them when remote)
         finished = True
         manifest = _manifest(source, tasks, num_samples, label_counts, formats, widths, heights,
-                             skipped, num_resized, max_side, limit)
+                             skipped, num_resized, max_side, limit, num_16bit, num_exif)
         if remote:
             _upload_manifest(manifest, out_str)
         else:
             assert final_dir is not None
-            _write_json(work_dir / MANIFEST_NAME, manifest)
+            write_json_atomic(work_dir / MANIFEST_NAME, manifest, sort_keys=True)
             _swap_into_place(work_dir, final_dir)
     except BaseException:
         if not finished:
@@ -612,10 +579,6 @@ def convert_to_mds(
         if staging_root is not None:
             shutil.rmtree(staging_root, ignore_errors=True)
     return ConversionReport(out=out_str, manifest=manifest)
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -639,7 +602,7 @@ def _upload_manifest(manifest: dict[str, Any], remote: str) -> None:
 
     staging = Path(tempfile.mkdtemp(prefix="dvtrain-manifest-"))
     try:
-        _write_json(staging / MANIFEST_NAME, manifest)
+        write_json_atomic(staging / MANIFEST_NAME, manifest, sort_keys=True)
         uploader = CloudUploader.get((str(staging), remote), keep_local=True, exist_ok=True)
         uploader.upload_file(MANIFEST_NAME)
     finally:
@@ -655,7 +618,8 @@ def _size_stats(values: list[int]) -> dict[str, float]:
 def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
               label_counts: Counter[int], formats: Counter[str], widths: list[int],
               heights: list[int], skipped: list[dict[str, str]], num_resized: int,
-              max_side: int | None, limit: int | None) -> dict[str, Any]:
+              max_side: int | None, limit: int | None, num_16bit: int = 0,
+              num_exif: int = 0) -> dict[str, Any]:
     names = source.label_names
     counts = {str(k): int(v) for k, v in sorted(label_counts.items())}
     if names is not None:
@@ -672,6 +636,8 @@ def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
         "num_source_entries": len(tasks) + len(source.pre_skipped),
         "num_skipped": len(skipped),
         "num_resized": num_resized,
+        "num_scaled_from_16bit": num_16bit,
+        "num_exif_transposed": num_exif,
         "max_side": max_side,
         "limit": limit,
         "num_labels": len(names) if names is not None else len([k for k in counts if k != "-1"]),

@@ -10,13 +10,13 @@ its strided share of the data; features are gathered; rank 0 prints and writes.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, List, Optional
 
 import typer
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.errors import run_user_command
 
 app = typer.Typer(
@@ -93,7 +93,7 @@ def _finish(results: dict[str, Any], json_out: Optional[Path], wandb_project: Op
     results = {**results, "config": config}
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(results, indent=2) + "\n")
+        write_json_atomic(json_out, results)
         typer.echo(f"wrote {json_out}")
     if wandb_project:
         log_to_wandb(results, wandb_project, wandb_mode, wandb_name, kind, config)

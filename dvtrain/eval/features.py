@@ -18,7 +18,6 @@ Shape legend: B batch, N samples, L blocks, D width, T patch tokens.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -29,7 +28,8 @@ from PIL import Image
 from torch import Tensor, nn
 
 from dvtrain import dist
-from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD
+from dvtrain.data.augment import IMAGENET_MEAN, IMAGENET_STD, normalise
+from dvtrain.data.images import open_rgb, to_rgb
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,7 +89,7 @@ def eval_transform(image: Image.Image, crop_size: int = 224, resize_size: int | 
         resize_size = int(round(crop_size * 256 / 224))
     if resize_size < crop_size:
         raise ValueError(f"resize_size {resize_size} must be >= crop_size {crop_size}")
-    image = image.convert("RGB")
+    image = to_rgb(image)
     w, h = image.size
     scale = resize_size / min(w, h)
     new_w, new_h = max(crop_size, round(w * scale)), max(crop_size, round(h * scale))
@@ -97,31 +97,17 @@ def eval_transform(image: Image.Image, crop_size: int = 224, resize_size: int | 
     left, top = (new_w - crop_size) // 2, (new_h - crop_size) // 2
     image = image.crop((left, top, left + crop_size, top + crop_size))
     x_HWC = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (x_HWC.permute(2, 0, 1) - mean) / std
+    return normalise(x_HWC.permute(2, 0, 1))
 
 
 def open_image(path_or_bytes: str | Path | bytes) -> Image.Image:
-    """A fully decoded PIL image from a path or encoded bytes.
+    """A fully decoded, 8-bit, upright RGB image from a path or encoded bytes
+    (:func:`dvtrain.data.images.open_rgb`: EXIF orientation applied, 16-bit scaled).
 
     Raises:
         ValueError: the file does not exist or does not decode as an image.
     """
-    try:
-        if isinstance(path_or_bytes, bytes):
-            im = Image.open(io.BytesIO(path_or_bytes))
-        else:
-            if not Path(path_or_bytes).is_file():
-                raise ValueError(f"image {path_or_bytes} does not exist")
-            im = Image.open(path_or_bytes)
-        im.load()
-    except ValueError:
-        raise
-    except Exception as exc:  # PIL raises many types for undecodable data
-        what = "<bytes>" if isinstance(path_or_bytes, bytes) else path_or_bytes
-        raise ValueError(f"cannot decode image {what}: {exc}") from exc
-    return im
+    return open_rgb(path_or_bytes)
 
 
 class MDSEvalSet(torch.utils.data.Dataset):

@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from dvtrain.models.layers import LayerScale, SwiGLUFFN, swiglu_hidden_dim
-from dvtrain.models.vit import ARCH_SPECS, DinoVisionTransformer, resample_pos_embed
+from dvtrain.models.archs import ARCH_SPECS
+from dvtrain.models.vit import DinoVisionTransformer, resample_pos_embed
 
 logger = logging.getLogger(__name__)
 

@@ -21,20 +21,11 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.nn.init import trunc_normal_
 
+from dvtrain.models.archs import ARCH_SPECS
 from dvtrain.models.layers import Block, LayerScale, PatchEmbed, SeqGroups, packed_offsets
 
 logger = logging.getLogger(__name__)
 
-# Reference widths/depths/heads (dinov2/models/vision_transformer.py vit_small ... vit_giant2).
-# `ffn_layer` is the FFN of the released checkpoints; vit_tiny exists only for CPU tests.
-ARCH_SPECS: dict[str, dict] = {
-    "vit_tiny": {"embed_dim": 192, "depth": 12, "num_heads": 3, "ffn_layer": "mlp"},
-    "vit_small": {"embed_dim": 384, "depth": 12, "num_heads": 6, "ffn_layer": "mlp"},
-    "vit_base": {"embed_dim": 768, "depth": 12, "num_heads": 12, "ffn_layer": "mlp"},
-    "vit_large": {"embed_dim": 1024, "depth": 24, "num_heads": 16, "ffn_layer": "mlp"},
-    "vit_giant2": {"embed_dim": 1536, "depth": 40, "num_heads": 24, "ffn_layer": "swiglu"},
-}
-ARCHS = ("vit_small", "vit_base", "vit_large", "vit_giant2")
 
 
 def _pair(v: int | Sequence[int], name: str) -> tuple[int, int]:

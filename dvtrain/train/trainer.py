@@ -35,7 +35,6 @@ from dvtrain.recipe import Recipe, derive, dump_recipe, resolve_ds_config
 from dvtrain.checkpoint.manager import Checkpointer
 from dvtrain.checkpoint.rng import RNGState
 from dvtrain.train.engine import EngineConfig, ShardedTeacherEngine, StepResult
-from dvtrain.train.meta_arch import meta_arch_config_from_recipe
 from dvtrain.train.param_groups import apply_schedule_to_param_groups
 from dvtrain.train.schedules import Schedules, build_schedules
 
