@@ -83,6 +83,10 @@ class RunLogger:
             return
         import wandb
 
+        # Our own W&B service: one inherited through WANDB_SERVICE (a parent process that used W&B) would
+        # keep a killed launch's run registered, and the relaunch with the same id would be refused
+        # ("run ID ... is in use").
+        os.environ.pop("WANDB_SERVICE", None)
         config = recipe.model_dump(mode="json")
         config.update(extra_config or {})
         self._wandb_run = wandb.init(

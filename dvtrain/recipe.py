@@ -383,12 +383,9 @@ class Recipe(BaseModel):
             problems.append(f"zero.offload={self.zero.offload} needs zero.stage >= 1")
         o, z = self.optim, self.zero
         if o.clip_mode == "per_module" and o.clip_grad > 0:
-            supported = (z.stage == 3 or (z.stage == 0 and self.precision == "fp32")) and z.offload == "none"
-            if not supported:
-                problems.append(
-                    f"optim.clip_mode=per_module needs zero.stage=3 without offload (or stage 0 in fp32), got "
-                    f"stage {z.stage}, offload {z.offload}, {self.precision}: use optim.clip_mode=global"
-                )
+            problem = per_module_clipping_problem(z.stage, self.precision, z.offload != "none")
+            if problem:
+                problems.append(problem)
         if self.model.arch == "from_init":
             if not self.model.init_from:
                 problems.append("model.arch=from_init needs model.init_from (the checkpoint whose architecture to use)")
@@ -698,6 +695,26 @@ def dump_recipe(recipe: Recipe) -> str:
 # --------------------------------------------------------------------------------------------------
 # Advice on the machine a recipe runs on (warnings, not errors: the recipe stays valid)
 # --------------------------------------------------------------------------------------------------
+
+
+def per_module_clipping_problem(zero_stage: int, precision: str, offload: bool) -> str | None:
+    """The one rule for where per-module gradient clipping (the reference's) can run, or None when it can.
+
+    dvtrain clips each student module itself from the partitioned gradients: that needs ZeRO-3 without
+    offload (gradients in DeepSpeed's partitioned fp32 buffers), or stage 0 in fp32 (plain gradients);
+    ZeRO-1/2 and half-precision stage 0 keep gradients where dvtrain cannot clip per module.
+    Checked by the recipe (before anything starts) and by ``dvtrain.train.engine.ShardedTeacherEngine``.
+
+    Args:
+        zero_stage: 0-3. precision: fp32 | bf16 | fp16. offload: optimizer state offloaded to the CPU.
+
+    Returns:
+        A one-line problem naming the fields and the fix, or None.
+    """
+    if (zero_stage == 3 or (zero_stage == 0 and precision == "fp32")) and not offload:
+        return None
+    return (f"optim.clip_mode=per_module needs zero.stage=3 without offload (or stage 0 in fp32), got stage "
+            f"{zero_stage}, offload {'cpu' if offload else 'none'}, {precision}: use optim.clip_mode=global")
 
 
 def precision_advice(recipe: Recipe, cuda_available: bool | None = None, cuda_bf16: bool | None = None) -> str | None:

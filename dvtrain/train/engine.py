@@ -54,6 +54,7 @@ from torch import nn
 
 from dvtrain.checkpoint import layout
 from dvtrain.checkpoint.partition import join_partitions
+from dvtrain.recipe import per_module_clipping_problem
 
 __all__ = [
     "EngineConfig",
@@ -268,14 +269,10 @@ class ShardedTeacherEngine:
         if cfg.clip_mode == "per_module" and cfg.clip_grad > 0:
             if ds_clip > 0:
                 raise ValueError("clip_mode=per_module: DeepSpeed's gradient_clipping must be 0 (dvtrain clips)")
-            if self.zero_stage in (1, 2) or (self.zero_stage == 0 and self.dtype != torch.float32):
-                raise ValueError(
-                    f"optim.clip_mode=per_module is supported with zero.stage=3 (any precision) or stage 0 in "
-                    f"fp32; got stage {self.zero_stage}, {self.dtype}. Use optim.clip_mode=global"
-                )
-            if self.offload:
-                raise ValueError("optim.clip_mode=per_module is not supported with zero.offload=cpu "
-                                 "(gradients live in the offloaded buffers); use optim.clip_mode=global")
+            precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.dtype, "fp32")
+            problem = per_module_clipping_problem(self.zero_stage, precision, self.offload)
+            if problem:
+                raise ValueError(problem)
         if cfg.clip_mode == "global" and abs(ds_clip - cfg.clip_grad) > 0:
             raise ValueError(f"clip_mode=global: DeepSpeed gradient_clipping={ds_clip} differs from clip_grad="
                              f"{cfg.clip_grad}")

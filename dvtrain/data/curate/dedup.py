@@ -21,7 +21,7 @@ one of ``--model`` (the paper's copy-detection network is not available in dvtra
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 

@@ -39,6 +39,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data import shards
 from dvtrain.data.curate import cluster as cl
 from dvtrain.data.curate import dedup
@@ -504,7 +505,7 @@ def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,
         manifest["curation"] = {"report": REPORT_JSON, "counts": report["counts"]}
         local = staging / "extra" if remote else work_dir
         local.mkdir(parents=True, exist_ok=True)
-        shards._write_json(local / shards.MANIFEST_NAME, manifest)
+        write_json_atomic(local / shards.MANIFEST_NAME, manifest, sort_keys=True)
         _atomic_write(local / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
         write_report_png(local / REPORT_PNG, pool, report, emb, keep_e, cz, alive, selected)
         if remote:

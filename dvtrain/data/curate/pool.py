@@ -12,7 +12,6 @@ in a process pool without pickling the whole pool.
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dvtrain.data import shards
+from dvtrain.data import images, shards
 
 __all__ = ["Pool", "list_pool", "read_payload", "open_payload"]
 
@@ -155,10 +154,7 @@ def open_payload(payload: Any) -> tuple[Image.Image, bytes | None]:
         a = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
         return Image.fromarray(a), None
     assert data is not None
-    shards._decode_check(data, None)
-    im = Image.open(io.BytesIO(data))
-    im.load()
-    return im, data
+    return images.open_rgb(data), data  # the one decode: 8-bit, EXIF orientation applied
 
 
 def encoded_bytes(payload: Any) -> bytes:
@@ -168,4 +164,4 @@ def encoded_bytes(payload: Any) -> bytes:
     if data is not None:
         return data
     im, _ = open_payload(payload)
-    return shards._encode(im, "PNG")
+    return images.encode(im, "PNG")
