@@ -117,21 +117,15 @@ class _Work:
 
     def finish(self, stage: str, fp: str, result: dict[str, Any], seconds: float) -> None:
         result = dict(result, seconds=round(seconds, 3))
-        _atomic_write(self.path / f"{stage}.json", json.dumps(result))
+        write_json_atomic(self.path / f"{stage}.json", result)
         self.state["stages"][stage] = {"fingerprint": fp, "seconds": round(seconds, 3)}
         # later stages depend on this one: forget them
         for later in STAGES[STAGES.index(stage) + 1:]:
             self.state["stages"].pop(later, None)
-        _atomic_write(self.state_path, json.dumps(self.state, indent=1))
+        write_json_atomic(self.state_path, self.state)
 
     def load(self, stage: str) -> dict[str, Any]:
         return json.loads((self.path / f"{stage}.json").read_text())
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _fingerprint(prev: str, stage: str, values: dict[str, Any]) -> str:
@@ -506,7 +500,7 @@ def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,
         local = staging / "extra" if remote else work_dir
         local.mkdir(parents=True, exist_ok=True)
         write_json_atomic(local / shards.MANIFEST_NAME, manifest, sort_keys=True)
-        _atomic_write(local / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
+        write_json_atomic(local / REPORT_JSON, report)
         write_report_png(local / REPORT_PNG, pool, report, emb, keep_e, cz, alive, selected)
         if remote:
             from streaming.base.storage.upload import CloudUploader
