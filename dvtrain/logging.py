@@ -171,9 +171,9 @@ def truncate_metrics(path: Path, last_iteration: int) -> int:
     return removed
 
 
-#: Loss terms shown on the periodic console lines, with their short names.
+#: Loss terms shown on the periodic console lines, with their short names (lr and the rest: metrics.jsonl).
 LOSS_LINE_KEYS = {"total": "total", "dino_global_crops_loss": "dino_g", "dino_local_crops_loss": "dino_l",
-                  "ibot_loss": "ibot", "koleo_loss": "koleo", "images_per_s": "img/s", "lr": "lr"}
+                  "ibot_loss": "ibot", "koleo_loss": "koleo"}
 
 
 class TrainProgress:
@@ -207,12 +207,14 @@ class TrainProgress:
                                  rate=f"{rate:.1f} img/s" if rate is not None and math.isfinite(rate) else "")
 
     def log_line(self, iteration: int, metrics: dict[str, Any]) -> None:
-        """Print one line of losses (and images/s) above the bar."""
+        """Print one line of losses and images/s above the bar (fits 80 columns)."""
         if not self.enabled:
             return
-        text = "  ".join(f"{short} {metrics[k]:.4g}" for k, short in LOSS_LINE_KEYS.items()
-                         if isinstance(metrics.get(k), (int, float)))
-        self.progress.console.print(f"it {iteration:>6}  {text}", markup=False, highlight=False)
+        text = " ".join(f"{short} {metrics[k]:.3f}" for k, short in LOSS_LINE_KEYS.items()
+                        if isinstance(metrics.get(k), (int, float)))
+        if isinstance(metrics.get("images_per_s"), (int, float)):
+            text += f" {metrics['images_per_s']:.0f} img/s"
+        self.progress.console.print(f"it {iteration}: {text}", markup=False, highlight=False)
 
     def note(self, text: str) -> None:
         """Print a status line above the bar."""
