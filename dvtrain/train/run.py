@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from dvtrain import dist
-from dvtrain.checkpoint.atomic import write_json_atomic
+from dvtrain.checkpoint.atomic import find_latest_checkpoint, write_json_atomic
 from dvtrain.checkpoint.layout import CHECKPOINTS_DIR
 from dvtrain.checkpoint.rng import RNGState
 from dvtrain.faults import maybe_signal_self
@@ -127,15 +127,13 @@ def run_worker(recipe: Recipe, run_dir: Path, resume: bool, stop: Any = None, ve
                f"{recipe.zero.stage}")
     con.status(f"building the model ({m.arch}, patch {m.patch_size}, {m.num_register_tokens} registers, "
                f"{m.ffn_layer}) and the DeepSpeed engine")
-    from dvtrain.checkpoint.atomic import find_latest_checkpoint
-
-    resuming = resume and find_latest_checkpoint(checkpoint_root(recipe, run_dir)) is not None
+    ckpt_root = checkpoint_root(recipe, run_dir)
+    resuming = resume and find_latest_checkpoint(ckpt_root) is not None
     trainer = Trainer(recipe, apply_init=not resuming)  # a resumed run never re-reads model.init_from
     d = trainer.derived
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainer.engine.student_params)
     con.status(f"engine ready: student {n_params / 1e6:.2f} M parameters, global batch {d.global_batch}, "
                f"{d.total_iterations} iterations")
-    ckpt_root = checkpoint_root(recipe, run_dir)
     checkpointer = trainer.checkpointer(ckpt_root)
     if info.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
