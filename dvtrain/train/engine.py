@@ -66,7 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EngineConfig:
     """Engine settings not carried by the DeepSpeed config.
@@ -76,7 +75,7 @@ class EngineConfig:
         eps: AdamW epsilon.
         clip_grad: max gradient norm; 0 = no clipping.
         clip_mode: ``"global"`` (one norm over the student; DeepSpeed's ``gradient_clipping`` must
-            be set to ``clip_grad`` in the config) or ``"per_module"`` (the reference: each of
+            be set to ``clip_grad`` in the config) or ``"per_module"`` (the reference: each
             child of ``model.student`` clipped to ``clip_grad`` on its own; DeepSpeed's clipping must be 0).
         leaf_module_classes: module classes ZeRO-3 gathers as one unit (e.g. the ViT ``Block``), so
             it does not gather parameter by parameter inside a block.
