@@ -95,14 +95,19 @@ def hamming_pairs(codes: np.ndarray, radius: int, queries: np.ndarray | None = N
         return np.zeros((0, 2), np.int64)
     index = _binary_index(codes, radius)
     q = codes if queries is None else queries
+    ranges = ((start, lims, ids) for start, lims, ids, _ in _range_results(index, q, radius + 1, batch))  # d < r
+    return _pairs(ranges, self_query=queries is None)
+
+
+def _pairs(ranges, self_query: bool) -> np.ndarray:
+    """[P, 2] int64 (query position, indexed position) from Faiss range-search batches
+    ``(first query position, lims, ids)``; for a self query only pairs i < j are kept."""
     out = []
-    for start, lims, ids, _ in _range_results(index, q, radius + 1, batch):  # faiss: d < radius
+    for start, lims, ids in ranges:
         rows = np.repeat(np.arange(len(lims) - 1), np.diff(lims)) + start
         out.append(np.stack([rows, ids.astype(np.int64)], axis=1))
     pairs = np.concatenate(out) if out else np.zeros((0, 2), np.int64)
-    if queries is None:
-        pairs = pairs[pairs[:, 0] < pairs[:, 1]]
-    return pairs
+    return pairs[pairs[:, 0] < pairs[:, 1]] if self_query else pairs
 
 
 def _float_index(emb: np.ndarray, nprobe: int):
@@ -143,17 +148,14 @@ def cosine_pairs(emb: np.ndarray, threshold: float, queries: np.ndarray | None =
         return np.zeros((0, 2), np.int64)
     index = _float_index(emb, nprobe)
     q_all = emb if queries is None else queries
-    out = []
-    for start in range(0, len(q_all), batch):
-        q = np.ascontiguousarray(q_all[start:start + batch], dtype=np.float32)
-        lims, _, ids = index.range_search(q, float(threshold) - 1e-6)
-        lims = lims.astype(np.int64)
-        rows = np.repeat(np.arange(len(lims) - 1), np.diff(lims)) + start
-        out.append(np.stack([rows, ids.astype(np.int64)], axis=1))
-    pairs = np.concatenate(out) if out else np.zeros((0, 2), np.int64)
-    if queries is None:
-        pairs = pairs[pairs[:, 0] < pairs[:, 1]]
-    return pairs
+
+    def ranges():
+        for start in range(0, len(q_all), batch):
+            q = np.ascontiguousarray(q_all[start:start + batch], dtype=np.float32)
+            lims, _, ids = index.range_search(q, float(threshold) - 1e-6)
+            yield start, lims.astype(np.int64), ids
+
+    return _pairs(ranges(), self_query=queries is None)
 
 
 def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
