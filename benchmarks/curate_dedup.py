@@ -64,9 +64,13 @@ def main() -> None:
             print(f"| {kind} rejected by quality | {ok} / {len(files)} |")
         ok = sum(t in rem and rem[t]["stage"] == "against" for t in pool.test_copies)
         print(f"| test-split copies removed by --against | {ok} / {len(pool.test_copies)} |")
+        missed = [c for pairs in pool.copies.values() for c, o in pairs if not found(c, o)]
+        missed += [t for t in pool.test_copies if not (t in rem and rem[t]["stage"] == "against")]
         lost = sum(u in rem for u in pool.untouched)
         print(f"| untouched images removed | {lost} / {len(pool.untouched)} ({lost / len(pool.untouched):.1%}) |")
         print("options:", {k: res.report["options"][k] for k in ("phash_radius", "phash_cos", "near_cos")})
+        print("  missed:", ", ".join(f"{m} ({rem[m]['stage'] + ': ' + rem[m]['reason'] if m in rem else 'kept'})"
+                                     for m in missed))
         for u in [u for u in pool.untouched if u in rem][:5]:
             print("  untouched removed:", u, rem[u]["stage"], rem[u]["reason"], rem[u]["duplicate_of"])
         t = res.report["timings_s"]

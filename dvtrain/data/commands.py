@@ -159,11 +159,16 @@ def curate(
     min_std: float = typer.Option(4.0, help="Reject near-constant images (grayscale std 0..255)."),
     phash_radius: int = typer.Option(4, help="Near duplicates: perceptual hashes within this many "
                                      "bits of 64 (negative: off)."),
-    phash_cos: float = typer.Option(0.95, help="Near duplicates: embedding cosine that confirms a "
+    phash_cos: float = typer.Option(0.97, help="Near duplicates: embedding cosine that confirms a "
                                     "perceptual-hash match (> 1: no confirmation)."),
     near_cos: float = typer.Option(0.995, help="Near duplicates: embedding cosine similarity at or "
                                    "above this, hash or not (> 1: off). For a trained backbone "
                                    "lower it (about 0.95)."),
+    crop_ncc: float = typer.Option(0.995, help="Cropped copies: normalised cross-correlation at "
+                                   "or above this between an image and a crop box of another "
+                                   "(> 1: off)."),
+    crop_cos: float = typer.Option(0.93, help="Cropped copies: thumbnail cosine a candidate pair "
+                                   "needs before it is verified."),
     clusters: str = typer.Option("auto", help="Clusters per k-means level, finest first "
                                  "(e.g. 1000,30); auto = sqrt(N), N^(1/4)."),
     resampling_steps: int = typer.Option(3, help="Resampling refits per k-means level."),
@@ -189,6 +194,7 @@ def curate(
         min_side=min_side, max_aspect=max_aspect, min_sharpness=min_sharpness, min_std=min_std,
         phash_radius=phash_radius, near_cos=None if near_cos > 1 else near_cos,
         phash_cos=None if phash_cos > 1 else phash_cos,
+        crop_ncc=None if crop_ncc > 1 else crop_ncc, crop_cos=crop_cos,
         against=str(against) if against else None, model=model, image_size=image_size,
         batch_size=batch_size, target_size=target_size, clusters=_parse_clusters(clusters),
         resampling_steps=resampling_steps, kmeans_iters=kmeans_iters, seed=seed,

@@ -10,8 +10,8 @@ similarity of their embeddings confirms it (>= ``verify_cos``), or when the cosi
 their embeddings alone reaches ``cos_threshold`` (Faiss inner-product range search on the
 L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, above it an inverted file
 (``IndexIVFScalarQuantizer`` with fp16 codes, 2 sqrt(N) lists, ``nprobe`` visited per query)). The
-pairs form a graph; from each connected group one image stays (the largest, then the sharpest,
-then the first), the others are removed as ``duplicate_of`` it. ``--against``: a pool image
+pairs, with the cropped copies of :mod:`.crops`, form a graph; from each connected group one image
+stays (the largest, then the sharpest, then the first), the others are removed as ``duplicate_of`` it. ``--against``: a pool image
 within the same radius / threshold of any image of the evaluation set is removed.
 
 Reference: DINOv2 paper section 3 ("Deduplication": copy detection with SSCD embeddings and
@@ -210,7 +210,8 @@ def _verified(pairs: np.ndarray, a_emb, b_emb, verify_cos: float | None) -> np.n
 
 def near_duplicates(codes: np.ndarray, emb: np.ndarray | None, area: np.ndarray,
                     sharp: np.ndarray, radius: int, cos_threshold: float | None,
-                    verify_cos: float | None = None, nprobe: int = 8) -> list[tuple[int, int, str]]:
+                    verify_cos: float | None = None, nprobe: int = 8,
+                    extra: Sequence[tuple[str, np.ndarray]] = ()) -> list[tuple[int, int, str]]:
     """Near duplicates within a pool (see the module docstring for the rule).
 
     Args:
@@ -218,34 +219,35 @@ def near_duplicates(codes: np.ndarray, emb: np.ndarray | None, area: np.ndarray,
         area: [N] pixels, sharp: [N] sharpness (which copy of a group stays). radius: bits.
         cos_threshold: embedding-only threshold (None: off). verify_cos: confirmation threshold
             of hash pairs (None: hash pairs need no confirmation).
+        extra: more duplicate pairs found elsewhere, as (reason text, [P, 2] int positions), e.g.
+            the cropped copies of :mod:`.crops`.
 
     Returns:
         (position removed, position kept, reason) per removed image.
     """
     n = len(codes)
-    pair_sets = [_verified(hamming_pairs(codes, radius), emb, emb, verify_cos)]
+    hash_text = f"perceptual hash within {radius} bits" + (
+        f" and embedding cosine >= {verify_cos}" if verify_cos is not None and emb is not None else "")
+    found = [(hash_text, _verified(hamming_pairs(codes, radius), emb, emb, verify_cos))]
     if emb is not None and cos_threshold is not None:
-        pair_sets.append(cosine_pairs(emb, cos_threshold, nprobe=nprobe))
-    pairs = np.concatenate(pair_sets)
-    reason_of = {}
-    for kind, ps in zip(("perceptual hash", "embedding"), pair_sets):
+        found.append((f"embedding cosine >= {cos_threshold}", cosine_pairs(emb, cos_threshold, nprobe=nprobe)))
+    found += [(text, np.asarray(ps, np.int64).reshape(-1, 2)) for text, ps in extra]
+    pairs = np.concatenate([ps for _, ps in found])
+    reason_of: dict[tuple[int, int], str] = {}
+    for text, ps in found:
         for a, b in ps.tolist():
-            reason_of.setdefault((a, b), kind)
+            reason_of.setdefault((min(a, b), max(a, b)), text)
     group = connected_groups(n, pairs)
     rank = keep_order(area, sharp)
     keeper: dict[int, int] = {}
     for i in np.argsort(rank, kind="stable").tolist():
         keeper.setdefault(int(group[i]), i)
-    hash_text = f"perceptual hash within {radius} bits" + (
-        f" and embedding cosine >= {verify_cos}" if verify_cos is not None and emb is not None else "")
     out = []
     for i in range(n):
         k = keeper[int(group[i])]
         if k != i:
-            why = reason_of.get((min(i, k), max(i, k)))
-            detail = (hash_text if why == "perceptual hash" else
-                      f"embedding cosine >= {cos_threshold}" if why == "embedding" else
-                      "in the same near-duplicate group (linked through other copies)")
+            detail = reason_of.get((min(i, k), max(i, k)),
+                                   "in the same near-duplicate group (linked through other copies)")
             out.append((i, k, f"near duplicate: {detail}"))
     return out
 

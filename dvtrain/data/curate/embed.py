@@ -26,12 +26,13 @@ import torch
 from PIL import Image
 
 from dvtrain.checkpoint.backbone import detect_checkpoint_format, load_backbone
+from dvtrain.data.curate.crops import THUMB_SIDE, thumbnail
 from dvtrain.data.curate.pool import open_payload
 
 __all__ = ["Embedder", "PIXELS", "check_model", "make_embedder", "write_embeddings"]
 
 PIXELS = "pixels"
-PIXEL_SIDE = 16
+PIXEL_SIDE = THUMB_SIDE
 
 
 def check_model(model: str) -> None:
@@ -50,13 +51,6 @@ def check_model(model: str) -> None:
         detect_checkpoint_format(path)
     except ValueError as e:
         raise ValueError(f"--model {model} cannot be loaded: {e}") from None
-
-
-def _pixel_vector(im: Image.Image) -> np.ndarray:
-    g = im.convert("L").resize((PIXEL_SIDE, PIXEL_SIDE), Image.Resampling.BOX)
-    v = np.asarray(g, dtype=np.float32).reshape(-1)
-    v = v - v.mean()
-    return v / max(float(np.linalg.norm(v)), 1e-6)
 
 
 class Embedder:
@@ -104,7 +98,7 @@ class Embedder:
             [B, D] fp32, unit L2 norm per row.
         """
         if self.backbone is None:
-            return np.stack([_pixel_vector(im) for im in images]) if images else \
+            return np.stack([thumbnail(im) for im in images]) if images else \
                 np.zeros((0, self.dim), np.float32)
         from dvtrain.eval.features import eval_transform, extract_features
 

@@ -3,10 +3,12 @@
 Stages, in order (each resumable; see below):
 
 1. ``quality``  decode every image once (``--workers`` processes), measure it, reject the broken,
-   tiny, extreme-aspect, near-constant and blurred ones (:mod:`.quality`);
+   tiny, extreme-aspect, near-constant and blurred ones (:mod:`.quality`); the same decode
+   writes the crop descriptors of :mod:`.crops`;
 2. ``exact``    identical file bytes or decoded pixels (:mod:`.dedup`);
 3. ``embed``    one fp16 embedding per remaining image into a memmap (:mod:`.embed`);
-4. ``near``     perceptual-hash and embedding near duplicates, and duplicates of ``--against``
+4. ``near``     perceptual-hash, embedding and cropped-copy near duplicates, and duplicates of
+   ``--against`` (by hash and embedding)
    (:mod:`.dedup`); runs after ``embed`` because it needs the embeddings;
 5. ``cluster``  hierarchical k-means with resampling and balanced sampling to ``--target-size``
    (:mod:`.cluster`);
@@ -42,9 +44,9 @@ import numpy as np
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data import shards
 from dvtrain.data.curate import cluster as cl
-from dvtrain.data.curate import dedup
+from dvtrain.data.curate import crops, dedup
 from dvtrain.data.curate.embed import check_model, make_embedder, write_embeddings
-from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool
+from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool, open_payload
 from dvtrain.data.curate.quality import QualityThresholds, quality_reason, scan_images
 
 __all__ = ["CurateOptions", "CurateResult", "curate", "STAGES"]
@@ -60,7 +62,7 @@ class CurateOptions:
     """Options of a curation run (the CLI's flags; units in the field names or comments).
 
     ``near_cos`` None disables the embedding near-duplicate test; ``phash_radius`` < 0 disables
-    the perceptual-hash one. ``clusters`` None = :func:`cluster.auto_cluster_counts`.
+    the perceptual-hash one; ``crop_ncc`` None disables the cropped-copy test (:mod:`.crops`). ``clusters`` None = :func:`cluster.auto_cluster_counts`.
     """
 
     min_side: int = 64  # px
@@ -68,8 +70,10 @@ class CurateOptions:
     min_sharpness: float = 20.0  # variance of the Laplacian, 0..255 grayscale
     min_std: float = 4.0  # grayscale std, 0..255
     phash_radius: int = 4  # bits of 64
-    phash_cos: float | None = 0.95  # embedding cosine that confirms a hash match
+    phash_cos: float | None = 0.97  # embedding cosine that confirms a hash match
     near_cos: float | None = 0.995  # embedding cosine alone
+    crop_ncc: float | None = 0.995  # cropped copies: normalised cross-correlation (None: off)
+    crop_cos: float = 0.93  # cropped copies: thumbnail cosine of a candidate pair
     against: str | None = None
     model: str = "pixels"
     image_size: int = 224  # px, backbone eval crop
@@ -150,9 +154,12 @@ def _check_options(src: str, out: str, o: CurateOptions) -> None:
     if o.phash_radius > 32:
         raise ValueError(f"--phash-radius {o.phash_radius} bits of 64 would match unrelated images; "
                          f"use 0..32 (negative disables)")
-    for name, v in (("--near-cos", o.near_cos), ("--phash-cos", o.phash_cos)):
+    for name, v in (("--near-cos", o.near_cos), ("--phash-cos", o.phash_cos),
+                    ("--crop-ncc", o.crop_ncc)):
         if v is not None and not -1.0 < v <= 1.0:
             raise ValueError(f"{name} must be in (-1, 1] (above 1: off), got {v}")
+    if not -1.0 < o.crop_cos <= 1.0:
+        raise ValueError(f"--crop-cos must be in (-1, 1], got {o.crop_cos}")
     if o.target_size is not None and o.target_size < 1:
         raise ValueError(f"--target-size must be >= 1, got {o.target_size}")
     if o.clusters is not None and (not o.clusters or any(k < 1 for k in o.clusters)
@@ -241,12 +248,20 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
     # 1. quality ------------------------------------------------------------------------------
     thresholds = QualityThresholds(o.min_side, o.max_aspect, o.min_sharpness, o.min_std)
 
+    with_crops = o.crop_ncc is not None
+
     def quality() -> dict[str, Any]:
         recs = []
+        crop_desc = (np.lib.format.open_memmap(work.path / "crops.npy", mode="w+", dtype=np.float16,
+                                               shape=(n, len(crops.BOXES), crops.THUMB_SIDE ** 2))
+                     if with_crops else None)
         with _bar(o.progress) as bar:
             job = bar.add_task("quality", total=n, skipped=0)
             bad = 0
-            for rec in scan_images([pool.payload(i) for i in range(n)], o.workers):
+            for i, rec in enumerate(scan_images([pool.payload(i) for i in range(n)], o.workers,
+                                                with_crops=with_crops)):
+                if "crop_desc" in rec:
+                    crop_desc[i] = rec.pop("crop_desc")
                 recs.append(rec)
                 bad += quality_reason(rec, thresholds) is not None
                 bar.update(job, advance=1, skipped=bad)
@@ -266,9 +281,11 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
                  file_hash=np.asarray([r["file_hash"] for r in stats], "U40"),
                  pixel_hash=np.asarray([r["pixel_hash"] for r in stats], "U40"),
                  phash=np.asarray([r["phash"] for r in stats], "U16"))
+        if crop_desc is not None:
+            crop_desc.flush()
         return {"removed": rem, "kept": len(alive)}
 
-    run("quality", asdict(thresholds), quality)
+    run("quality", dict(asdict(thresholds), crop_descriptors=with_crops), quality)
     q = dict(np.load(work.path / "quality.npz"))
     if len(q["alive"]) == 0:
         raise ValueError(_empty_message(pool, removed, "quality"))
@@ -311,19 +328,34 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
         gone: set[int] = set()
         with _bar(o.progress) as bar:
             job = bar.add_task("near duplicates", total=2 if against else 1, skipped=0)
+            pool_desc = ((np.load(work.path / "crops.npy", mmap_mode="r"),
+                          lambda row: open_payload(pool.payload(row))[0]) if with_crops else None)
+            crop_text = f"crop or rescaled copy, normalised cross-correlation >= {o.crop_ncc}"
             if against is not None:  # first, so that a pool copy of an eval image never stays
-                a_codes, a_emb = _describe(against, get_embedder(), o)
+                a_codes, a_emb, a_desc, a_ok = _describe(against, get_embedder(), o)
                 hits = dedup.against_duplicates(codes, emb, a_codes, a_emb, o.phash_radius,
                                                 o.near_cos, o.phash_cos, o.nprobe)
+                if pool_desc is not None:  # pool images that are a crop / rescale of an eval image
+                    a_rows = np.arange(len(a_ok))
+                    cropped, _ = crops.cropped_copies(
+                        (a_desc, a_rows, lambda row: open_payload(against.payload(a_ok[row]))[0]),
+                        (pool_desc[0], alive, pool_desc[1]), o.crop_cos, o.crop_ncc, nprobe=o.nprobe)
+                    for e_i, i in cropped.tolist():
+                        hits.setdefault(i, (e_i, f"duplicates an evaluation image ({crop_text})"))
                 for i, (e_i, why) in sorted(hits.items()):
                     gone.add(i)
                     rem.append({"path": pool.keys[alive[i]], "stage": "against", "reason": why,
-                                "duplicate_of": f"{o.against}:{against.keys[e_i]}"})
+                                "duplicate_of": f"{o.against}:{against.keys[a_ok[e_i]]}"})
                 bar.update(job, advance=1, skipped=len(gone))
             rest = np.asarray([j for j in range(len(alive)) if j not in gone], np.int64)
+            extra = []
+            if pool_desc is not None:
+                cropped, _ = crops.cropped_copies((pool_desc[0], alive[rest], pool_desc[1]), None,
+                                                  o.crop_cos, o.crop_ncc, nprobe=o.nprobe)
+                extra.append((crop_text, cropped))
             dups = dedup.near_duplicates(codes[rest], emb[rest] if len(rest) < len(emb) else emb,
                                          area[rest], sharp[rest], o.phash_radius, o.near_cos,
-                                         o.phash_cos, o.nprobe)
+                                         o.phash_cos, o.nprobe, extra=extra)
             for i, k, why in dups:
                 gone.add(int(rest[i]))
                 rem.append({"path": pool.keys[alive[rest[i]]], "stage": "near", "reason": why,
@@ -333,7 +365,8 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
         np.save(work.path / "near_keep.npy", keep)  # positions into the embedding rows
         return {"removed": rem, "kept": len(keep)}
 
-    run("near", {"radius": o.phash_radius, "cos": o.near_cos, "verify": o.phash_cos, "against": _abs(o.against),
+    run("near", {"radius": o.phash_radius, "cos": o.near_cos, "verify": o.phash_cos,
+                 "crop_ncc": o.crop_ncc, "crop_cos": o.crop_cos, "against": _abs(o.against),
                  "against_mtime": _mtime(o.against)}, near)
     keep_e = np.load(work.path / "near_keep.npy")
     if len(keep_e) == 0:
@@ -373,7 +406,7 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
         assert seeds is not None
         with _bar(o.progress) as bar:
             job = bar.add_task("retrieve", total=1, skipped=0)
-            _, s_emb = _describe(seeds, get_embedder(), o, need_codes=False)
+            _, s_emb, _, _ = _describe(seeds, get_embedder(), o, need_codes=False)
             ids = cl.retrieve(emb[keep_e], s_emb, o.retrieve_k, o.nprobe)
             bar.update(job, advance=1)
         got = np.unique(keep_e[ids.reshape(-1)])
@@ -426,24 +459,29 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
 
 
 def _describe(p: Pool, embedder, o: CurateOptions, need_codes: bool = True):
-    """(perceptual hashes [M, 8] uint8, embeddings [M, D] fp32) of an evaluation / seed set.
+    """What the near-duplicate tests need of an evaluation / seed set, for its M images that decode:
+    (perceptual hashes [M, 8] uint8 or None, embeddings [M, D] fp32, crop descriptors [M, B, T]
+    fp16 or None (:mod:`.crops`), positions in ``p`` [M]).
 
     Raises:
         ValueError: no image of the set decodes.
     """
     payloads = [p.payload(i) for i in range(len(p))]
-    codes = None
+    codes = desc = None
     ok = list(range(len(p)))
     if need_codes:
-        recs = list(scan_images(payloads, o.workers))
+        with_crops = o.crop_ncc is not None
+        recs = list(scan_images(payloads, o.workers, with_crops=with_crops))
         ok = [i for i, r in enumerate(recs) if r["ok"]]
         codes = dedup.phash_array([recs[i]["phash"] for i in ok]) if ok else np.zeros((0, 8), np.uint8)
+        if with_crops and ok:
+            desc = np.stack([recs[i]["crop_desc"] for i in ok])
     with tempfile.TemporaryDirectory(prefix="dvtrain-curate-") as tmp:
         e = np.asarray(write_embeddings(embedder, [payloads[i] for i in ok], Path(tmp) / "e.npy",
                                         o.batch_size), dtype=np.float32)
     if len(ok) == 0 or not np.abs(e).sum(1).any():
         raise ValueError(f"{p.src}: none of its {len(p)} images decodes")
-    return codes, e
+    return codes, e, desc, ok
 
 
 def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,

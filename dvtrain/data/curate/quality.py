@@ -2,7 +2,8 @@
 
 One decode per image (in ``workers`` processes) yields the image's size, a sharpness score, its
 contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and a 64-bit
-perceptual hash (``imagehash.phash``: DCT of a 32 x 32 grayscale thumbnail). Rejections, each with
+perceptual hash (``imagehash.phash``: DCT of a 32 x 32 grayscale thumbnail), and optionally the
+crop descriptors of :mod:`.crops`. Rejections, each with
 its reason: the file does not read or decode; the shorter side is below ``min_side``; the aspect
 ratio exceeds ``max_aspect``; the image is blurred (variance of the Laplacian of the grayscale
 image, 0..255 scale, measured on a copy whose longer side is at most 512 px, below
@@ -27,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from dvtrain.data import shards
+from dvtrain.data.curate.crops import crop_descriptors
 from dvtrain.data.curate.pool import open_payload
 
 __all__ = ["QualityThresholds", "scan_images", "sharpness", "quality_reason"]
@@ -73,7 +75,7 @@ def _phash64(im: Image.Image) -> bytes:
     return np.packbits(imagehash.phash(im, hash_size=8).hash.reshape(-1)).tobytes()
 
 
-def _scan_one(payload: Any) -> dict[str, Any]:
+def _scan_one(payload: Any, with_crops: bool = False) -> dict[str, Any]:
     try:
         im, data = open_payload(payload)
     except Exception as e:  # noqa: BLE001 - any reader/decoder failure is a rejection reason
@@ -89,16 +91,20 @@ def _scan_one(payload: Any) -> dict[str, Any]:
     else:
         gray_s = gray
     g = np.asarray(gray_s, dtype=np.float32)
-    return {"ok": True, "width": w, "height": h, "sharpness": sharpness(g), "std": float(g.std()),
-            "file_hash": file_hash, "pixel_hash": pixel_hash, "phash": _phash64(gray).hex()}
+    rec = {"ok": True, "width": w, "height": h, "sharpness": sharpness(g), "std": float(g.std()),
+           "file_hash": file_hash, "pixel_hash": pixel_hash, "phash": _phash64(gray).hex()}
+    if with_crops:
+        rec["crop_desc"] = crop_descriptors(gray)
+    return rec
 
 
-def _scan_chunk(chunk: list[Any]) -> list[dict[str, Any]]:
-    return [_scan_one(p) for p in chunk]
+def _scan_chunk(chunk: list[Any], with_crops: bool = False) -> list[dict[str, Any]]:
+    return [_scan_one(p, with_crops) for p in chunk]
 
 
 def scan_images(payloads: Sequence[Any], workers: int = 1, chunk_size: int = 64,
-                on_result: Callable[[int], None] | None = None) -> Iterator[dict[str, Any]]:
+                on_result: Callable[[int], None] | None = None,
+                with_crops: bool = False) -> Iterator[dict[str, Any]]:
     """Decode and measure images, in order, in ``workers`` spawn processes (bounded memory).
 
     Args:
@@ -109,25 +115,26 @@ def scan_images(payloads: Sequence[Any], workers: int = 1, chunk_size: int = 64,
     Yields:
         One dict per payload: ``ok`` False with ``reason``, or ``width``, ``height`` (px),
         ``sharpness`` (variance of the Laplacian), ``std`` (grayscale std, 0..255), ``file_hash``,
-        ``pixel_hash`` (SHA-1 hex), ``phash`` (16 hex digits, 64 bits).
+        ``pixel_hash`` (SHA-1 hex), ``phash`` (16 hex digits, 64 bits), and with ``with_crops``
+        ``crop_desc`` ([B, T] fp16, :func:`.crops.crop_descriptors`).
     """
     chunks = (list(payloads[i:i + chunk_size]) for i in range(0, len(payloads), chunk_size))
     done = 0
     if workers <= 1:
         for c in chunks:
-            for r in _scan_chunk(c):
+            for r in _scan_chunk(c, with_crops):
                 yield r
             done += len(c)
             if on_result:
                 on_result(done)
         return
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        pending = deque(pool.submit(_scan_chunk, c) for c in islice(chunks, 4 * workers))
+        pending = deque(pool.submit(_scan_chunk, c, with_crops) for c in islice(chunks, 4 * workers))
         while pending:
             results = pending.popleft().result()
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append(pool.submit(_scan_chunk, nxt))
+                pending.append(pool.submit(_scan_chunk, nxt, with_crops))
             yield from results
             done += len(results)
             if on_result:
