@@ -29,7 +29,6 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 __all__ = ["BOXES", "THUMB_SIDE", "crop_candidates", "crop_descriptors", "crop_ncc", "cropped_copies",
@@ -141,28 +140,44 @@ def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, 
         float in [-1, 1] (-1.0 when no box of the copy's aspect ratio fits in the original).
     """
     gray = original.convert("L")
-    o = _gray(gray, side / max(gray.size))
+    o = _gray(gray, side / max(gray.size)).astype(np.float64)
     ho, wo = o.shape
+    o_f = np.fft.rfft2(o)
+    # integral images of o and o^2: any window's sum in four lookups
+    s1 = np.pad(o.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    s2 = np.pad((o * o).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     copy = copy.convert("L")
     wc, hc = copy.size
     f = box[0]
     lo, hi = int(np.floor((f - _BOX_SLACK) * wo)), min(wo, int(np.ceil((f + _BOX_SLACK) * wo)))
-    best = -1.0
+    sizes, padded, norms = [], [], []
     for bw in range(max(lo, 2), hi + 1):
         bh = round(bw * hc / wc)
         if bh > ho or bh < _MIN_KEPT * ho or bh < 2:
             continue
-        t = np.asarray(copy.resize((bw, bh), Image.Resampling.BILINEAR), np.float32)
+        t = np.asarray(copy.resize((bw, bh), Image.Resampling.BILINEAR), np.float64)
         t = t - t.mean()
         tn = float(np.linalg.norm(t))
         if tn < 1e-3:
             continue
-        win = sliding_window_view(o, (bh, bw))  # [dy, dx, bh, bw]
-        num = np.einsum("yxij,ij->yx", win, t)  # t has zero mean: the window mean drops out
-        den = np.sqrt(np.maximum(np.einsum("yxij,yxij->yx", win, win)
-                                 - win.sum(axis=(2, 3)) ** 2 / (bh * bw), 0.0)) * tn
+        p = np.zeros((ho, wo))
+        p[:bh, :bw] = t
+        sizes.append((bh, bw))
+        padded.append(p)
+        norms.append(tn)
+    if not sizes:
+        return -1.0
+    # cross-correlation by FFT, all box sizes at once (circular, but the valid offsets below never
+    # wrap); t has zero mean, so the window mean drops out of the numerator
+    corr = np.fft.irfft2(o_f[None] * np.conj(np.fft.rfft2(np.stack(padded))), s=(ho, wo))
+    best = -1.0
+    for (bh, bw), tn, num in zip(sizes, norms, corr):
+        num = num[:ho - bh + 1, :wo - bw + 1]
+        w1 = s1[bh:, bw:] - s1[:-bh, bw:] - s1[bh:, :-bw] + s1[:-bh, :-bw]
+        w2 = s2[bh:, bw:] - s2[:-bh, bw:] - s2[bh:, :-bw] + s2[:-bh, :-bw]
+        den = np.sqrt(np.maximum(w2 - w1 * w1 / (bh * bw), 0.0)) * tn
         best = max(best, float((num / np.maximum(den, 1e-6)).max()))
-    return best
+    return min(best, 1.0)
 
 
 def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Image.Image]],
