@@ -72,6 +72,10 @@ def main() -> None:
     ap.add_argument("--demo", type=Path, default=None, help="an existing demo run directory (skips step 1)")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="continued,distill", help="comma-separated: continued, distill")
+    ap.add_argument("--student", default="model.embed_dim=96",
+                    help="comma-separated recipe overrides that make the student (both student runs)")
+    ap.add_argument("--report", type=Path, default=REPO / "benchmarks" / "results" / "2026-12-01-pretrained.md",
+                    help="markdown report to write")
     args = ap.parse_args()
 
     from dvtrain.demo import ensure_fashion_mnist_shards
@@ -107,9 +111,10 @@ def main() -> None:
                          "command": s.get("command")}
 
     target_s = demo["train_time_s"]
+    student = [x for x in args.student.split(",") if x]
     students = {
-        "student_distilled": (RECIPES / "smoke_cpu_distill.yaml", [f"distill.teacher={demo_dir}"]),
-        "student_scratch": (RECIPES / "smoke_cpu.yaml", ["model.embed_dim=96"]),
+        "student_distilled": (RECIPES / "smoke_cpu_distill.yaml", [f"distill.teacher={demo_dir}", *student]),
+        "student_scratch": (RECIPES / "smoke_cpu.yaml", student),
     }
     if "distill" not in parts:
         students = {}
@@ -144,7 +149,7 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        (REPO / "benchmarks" / "results" / "2026-12-01-pretrained.md").write_text(text)
+        args.report.write_text(text)
 
 
 if __name__ == "__main__":

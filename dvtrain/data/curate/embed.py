@@ -4,10 +4,12 @@ Embedders (``--model``):
 - a backbone dvtrain can load (a run directory, a training checkpoint, a ``dvtrain export``
   output, a Hugging Face directory, a facebookresearch/dinov2 hub file): the final block's
   normalised CLS token (``x_norm_clstoken``) of the classification eval transform
-  (:func:`dvtrain.eval.features.eval_transform`, ``--image-size``), L2-normalised; this is how the
-  DINOv2 paper (section 3) embeds its pool for retrieval and deduplication;
+  (:func:`dvtrain.eval.features.eval_transform`) with the shorter side resized to
+  ``--image-size`` and no border crop (the whole image, as the main job's k-NN feeds it; see
+  docs/deviations.md), L2-normalised; this is how the DINOv2 paper (section 3) embeds its pool for
+  retrieval and deduplication;
 - ``pixels``: the raw-pixel baseline, a 16 x 16 grayscale thumbnail (box filter), mean
-  removed, L2-normalised (256 dims). No model needed; useful for tests and as a baseline.
+  removed, L2-normalised (256 dims; :func:`.crops.thumbnail`). No model needed; useful for tests and as a baseline.
 
 This module is the one place curation imports checkpoint loading from (``load_backbone`` and
 ``detect_checkpoint_format``), so it can follow the checkpoint package when that moves.
@@ -58,7 +60,7 @@ class Embedder:
 
     Args:
         model: ``"pixels"`` or a checkpoint path (see module docstring).
-        image_size: crop side (px) of the eval transform for a backbone.
+        image_size: input side (px) of a backbone (shorter side resized to it, then centre-cropped square).
         device: torch device for a backbone.
 
     Attributes:
@@ -102,7 +104,7 @@ class Embedder:
                 np.zeros((0, self.dim), np.float32)
         from dvtrain.eval.features import eval_transform, extract_features
 
-        x = torch.stack([eval_transform(im, self.image_size) for im in images])
+        x = torch.stack([eval_transform(im, self.image_size, self.image_size) for im in images])
         feats = extract_features(self.backbone, [(x, torch.zeros(len(images), dtype=torch.int64))],
                                  device=self.device, gather=False)
         e = torch.nn.functional.normalize(feats.cls_ND.float(), dim=1)
