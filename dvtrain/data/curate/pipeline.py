@@ -32,9 +32,11 @@ every rank (itself included) a contiguous slice of whole batches; each embeds it
 ``cuda:LOCAL_RANK`` (CPU without CUDA) into the one file, opened ``r+``; after a barrier rank 0
 records the stage as finished. Every other stage, ``state.json``, the console lines and the progress
 bars are rank 0's; the other ranks wait (gloo group, :class:`_Ranks`) and exit 0 when rank 0 is
-done or has stopped on an error (rank 0 prints it and exits 1). The output (embeddings bit-identical
-with ``pixels``, selection, report) and the resume fingerprints do not depend on the number of
-ranks. The work directory must be on a filesystem every rank sees; one node is what is tested.
+done or has stopped on an error (rank 0 prints it and exits 1). Every rank embeds the batches one
+process would, so the embeddings equal a one-process run's (bit-identical with ``pixels``; with a
+backbone up to rounding, as another device or thread count gives) and the stage fingerprints do not
+depend on the number of ranks: 1- and N-process runs resume each other's stages. The work
+directory must be on a filesystem every rank sees; one node is what is tested.
 """
 
 from __future__ import annotations
