@@ -2,7 +2,8 @@
 stage is split over the ranks and the result equals a one-process run's (embeddings bit-identical
 with `--model pixels`, allclose with a backbone export; same selection, counts and stage
 fingerprints, so a one-process rerun resumes the two-rank run's stages); only rank 0 prints; a bad
-input stops both ranks with rank 0's one message instead of leaving rank 1 waiting.
+input (ranks started by hand, so that no launcher kills the waiting rank) stops both ranks with
+rank 0's one message: rank 0 exits 1, rank 1 is released and exits 0.
 
 The pool is tests/curate_pool.py's planted Fashion-MNIST pool, small (a few seconds of work); most
 of each test's time is starting torchrun and importing DeepSpeed in two processes.
@@ -118,33 +119,34 @@ def test_two_ranks_embed_what_one_process_embeds(pool_dir, tmp_path, model):
     assert again.report["counts"]["selected"] == 30
 
 
-def _ranks_by_hand(args: list[str], world_size: int = 2) -> list[tuple[int, str]]:
+def _ranks_by_hand(args: list[str], logs: Path, world_size: int = 2) -> list[tuple[int, str]]:
     """Start `python -m dvtrain data curate ARGS` once per rank with the launcher environment set
-    by hand (as `deepspeed` or srun would): unlike torchrun, nothing here stops the other ranks
-    when rank 0 fails, so a rank left waiting shows up as a timeout. Returns (exit code, stdout +
-    stderr) per rank."""
+    by hand (as the `deepspeed` launcher or srun would): unlike torchrun, nothing here stops the
+    other ranks when rank 0 fails, so a rank left waiting shows up as a timeout or a gloo error.
+    Returns (exit code, stdout + stderr) per rank."""
     port = _free_port()
+    logs.mkdir(parents=True)
     procs = []
     for rank in range(world_size):
         env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", RANK=str(rank),
                    WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        procs.append(subprocess.Popen([sys.executable, "-m", "dvtrain", "data", "curate", *args],
-                                      env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
+        with open(logs / f"rank{rank}.txt", "w") as log:
+            procs.append(subprocess.Popen([sys.executable, "-m", "dvtrain", "data", "curate", *args],
+                                          env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT))
     try:
-        return [(p.wait(timeout=TIMEOUT_S), p.stdout.read()) for p in procs]
+        codes = [p.wait(timeout=TIMEOUT_S) for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
-            p.stdout.close()
+    return [(c, (logs / f"rank{r}.txt").read_text()) for r, c in enumerate(codes)]
 
 
 def test_two_ranks_stop_on_rank_0s_bad_input(pool_dir, tmp_path):
     # after the embed stage: a target larger than what is left
     (rc0, said0), (rc1, said1) = _ranks_by_hand([str(pool_dir), str(tmp_path / "o1"),
-                                                 "--target-size", "1000", *FLAGS])
+                                                 "--target-size", "1000", *FLAGS], tmp_path / "l1")
     assert rc0 == 1 and rc1 == 0, (said0 + said1)[-4000:]  # rank 1 released, not left waiting
     assert "error: --target-size 1000 is larger than the" in said0
     assert "Traceback" not in said0 + said1 and "error" not in said1  # one message, rank 0's
@@ -154,7 +156,7 @@ def test_two_ranks_stop_on_rank_0s_bad_input(pool_dir, tmp_path):
     # before the embed stage: a model that cannot load; nothing is written
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     (rc0, said0), (rc1, said1) = _ranks_by_hand([str(pool_dir), str(tmp_path / "o2"), "--model",
-                                                 str(tmp_path / "bad.pth"), *FLAGS])
+                                                 str(tmp_path / "bad.pth"), *FLAGS], tmp_path / "l2")
     assert rc0 == 1 and rc1 == 0 and "cannot be loaded" in said0, (said0 + said1)[-4000:]
     assert "Traceback" not in said0 + said1 and "error" not in said1
     assert not (tmp_path / "o2.curate-work").exists()
