@@ -190,7 +190,7 @@ def curate(
 
     Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) the ranks split the embedding; the
     work directory must be on a filesystem every rank sees.
-    Example: torchrun --nproc_per_node 8 $(which dvtrain) data curate /data/crawl /data/mds/curated --model runs/vits14
+    Example: torchrun --nproc_per_node 8 -m dvtrain data curate /data/crawl /data/mds/curated --model runs/vits14
     """
     from dvtrain.data.curate import CurateOptions, curate as run_curate
 

@@ -26,7 +26,7 @@ is kept after success (a rerun with a different ``--target-size`` only redoes cl
 writing); delete it when done. OUT itself is written to ``OUT.tmp-<pid>`` and renamed at the end,
 so an existing OUT is never half-overwritten.
 
-Several ranks (``torchrun --nproc_per_node 8 $(which dvtrain) data curate ...`` or the ``deepspeed``
+Several ranks (``torchrun --nproc_per_node 8 -m dvtrain data curate ...`` or the ``deepspeed``
 launcher: ``WORLD_SIZE`` > 1): the embed stage is split. Rank 0 creates the memmap, then sends
 every rank (itself included) a contiguous slice of whole batches; each embeds its slice on
 ``cuda:LOCAL_RANK`` (CPU without CUDA) into the one file, opened ``r+``; after a barrier rank 0
