@@ -187,6 +187,10 @@ def curate(
     curation_report.json + curation_report.png. Interrupted runs resume after the last finished stage.
 
     Example: dvtrain data curate /data/crawl /data/mds/curated --target-size 1000000 --model runs/vits14 --against /data/mds/val --workers 8
+
+    Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) the ranks split the embedding; the
+    work directory must be on a filesystem every rank sees.
+    Example: torchrun --nproc_per_node 8 -m dvtrain data curate /data/crawl /data/mds/curated --model runs/vits14
     """
     from dvtrain.data.curate import CurateOptions, curate as run_curate
 
@@ -202,6 +206,8 @@ def curate(
         shard_size=shard_size, work_dir=str(work_dir) if work_dir else None, overwrite=overwrite,
         progress=progress)
     res = run_curate(src, out, opts, on_stage=lambda s: console.print(f"[bold]stage {s}[/bold]"))
+    if res is None:  # a rank > 0 of a multi-process curation: rank 0 reports
+        return
     c = res.report["counts"]
     if res.resumed:
         console.print(f"resumed: {', '.join(res.resumed)} (finished in {res.report['work_dir']})")

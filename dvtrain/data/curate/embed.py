@@ -11,6 +11,10 @@ Embedders (``--model``):
 - ``pixels``: the raw-pixel baseline, a 16 x 16 grayscale thumbnail (box filter), mean
   removed, L2-normalised (256 dims; :func:`.crops.thumbnail`). No model needed; useful for tests and as a baseline.
 
+Several processes (``dvtrain data curate`` under torchrun / the ``deepspeed`` launcher): rank 0
+creates the file (:func:`create_embeddings_file`), every rank fills its contiguous slice of rows
+(:func:`embed_rows`, opened ``r+``); :mod:`.pipeline` coordinates them.
+
 This module is the one place curation imports checkpoint loading from (``load_backbone`` and
 ``detect_checkpoint_format``), so it can follow the checkpoint package when that moves.
 
@@ -31,7 +35,8 @@ from dvtrain.checkpoint.backbone import detect_checkpoint_format, load_backbone
 from dvtrain.data.curate.crops import THUMB_SIDE, thumbnail
 from dvtrain.data.curate.pool import open_payload
 
-__all__ = ["Embedder", "PIXELS", "check_model", "make_embedder", "write_embeddings"]
+__all__ = ["Embedder", "PIXELS", "check_model", "create_embeddings_file", "embed_rows", "make_embedder",
+           "write_embeddings"]
 
 PIXELS = "pixels"
 PIXEL_SIDE = THUMB_SIDE
@@ -118,22 +123,39 @@ def make_embedder(model: str, image_size: int = 224, device: str | None = None) 
     return Embedder(model, image_size, device)
 
 
-def write_embeddings(embedder: Embedder, payloads: Sequence[Any], path: str | os.PathLike,
-                     batch_size: int = 64,
-                     on_batch: Callable[[int], None] | None = None) -> np.memmap:
-    """Embed every payload into an fp16 memmap ``path`` ([N, D], C order), batch by batch.
+def create_embeddings_file(path: str | os.PathLike, n: int, dim: int) -> None:
+    """Create the fp16 memmap ``path`` ([N, D], C order, ``.npy`` header) that
+    :func:`embed_rows` fills; rows start as zeros."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim))
+    out.flush()
+    del out
 
+
+def embed_rows(embedder: Embedder, payloads: Sequence[Any], path: str | os.PathLike, start: int = 0,
+               batch_size: int = 64, on_batch: Callable[[int], None] | None = None) -> None:
+    """Embed ``payloads`` into rows ``[start, start + len(payloads))`` of the existing fp16 memmap
+    ``path`` (opened ``r+``), batch by batch; the rest of the file is left alone, so several
+    processes can fill disjoint row ranges of one file (the embed stage under several ranks).
+
+    Batches start at ``start``, ``start + batch_size``, ...; a slice that starts at a multiple of
+    ``batch_size`` therefore sees the same batches as one process embedding every row.
     An image that fails to decode here (it decoded in the quality stage) gets a zero row.
 
-    Returns:
-        The memmap, opened read-only.
+    Args:
+        on_batch: called with the number of this call's rows done so far.
+
+    Raises:
+        ValueError: the file's shape cannot hold the rows, or its width is not ``embedder.dim``.
     """
-    n = len(payloads)
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, embedder.dim))
-    for start in range(0, n, batch_size):
+    out = np.load(path, mmap_mode="r+")
+    if out.dtype != np.float16 or out.ndim != 2 or out.shape[1] != embedder.dim \
+            or start + len(payloads) > out.shape[0]:
+        raise ValueError(f"{path}: {out.dtype} {out.shape} cannot take rows {start}.."
+                         f"{start + len(payloads)} of width {embedder.dim} (fp16)")
+    for s0 in range(0, len(payloads), batch_size):
         ims = []
         bad = []
-        for j, p in enumerate(payloads[start:start + batch_size]):
+        for j, p in enumerate(payloads[s0:s0 + batch_size]):
             try:
                 ims.append(open_payload(p)[0])
             except Exception:  # noqa: BLE001 - changed on disk since the quality stage
@@ -141,9 +163,22 @@ def write_embeddings(embedder: Embedder, payloads: Sequence[Any], path: str | os
                 bad.append(j)
         e = embedder.embed_images(ims)
         e[bad] = 0.0
-        out[start:start + len(ims)] = e.astype(np.float16)
+        out[start + s0:start + s0 + len(ims)] = e.astype(np.float16)
         if on_batch:
-            on_batch(start + len(ims))
+            on_batch(s0 + len(ims))
     out.flush()
     del out
+
+
+def write_embeddings(embedder: Embedder, payloads: Sequence[Any], path: str | os.PathLike,
+                     batch_size: int = 64,
+                     on_batch: Callable[[int], None] | None = None) -> np.memmap:
+    """Embed every payload into a new fp16 memmap ``path`` ([N, D], C order), batch by batch
+    (:func:`create_embeddings_file` + :func:`embed_rows` in one process).
+
+    Returns:
+        The memmap, opened read-only.
+    """
+    create_embeddings_file(path, len(payloads), embedder.dim)
+    embed_rows(embedder, payloads, path, 0, batch_size, on_batch)
     return np.load(path, mmap_mode="r")

@@ -6,7 +6,8 @@ Stages, in order (each resumable; see below):
    tiny, extreme-aspect, near-constant and blurred ones (:mod:`.quality`); the same decode
    writes the crop descriptors of :mod:`.crops`;
 2. ``exact``    identical file bytes or decoded pixels (:mod:`.dedup`);
-3. ``embed``    one fp16 embedding per remaining image into a memmap (:mod:`.embed`);
+3. ``embed``    one fp16 embedding per remaining image into a memmap (:mod:`.embed`); split
+   over the processes when launched with several ranks (below);
 4. ``near``     perceptual-hash, embedding and cropped-copy near duplicates, and duplicates of
    ``--against`` (by hash and embedding)
    (:mod:`.dedup`); runs after ``embed`` because it needs the embeddings;
@@ -24,6 +25,18 @@ still matches and recomputes from the first that changed (or never finished). Th
 is kept after success (a rerun with a different ``--target-size`` only redoes clustering and
 writing); delete it when done. OUT itself is written to ``OUT.tmp-<pid>`` and renamed at the end,
 so an existing OUT is never half-overwritten.
+
+Several ranks (``torchrun --nproc_per_node 8 -m dvtrain data curate ...`` or the ``deepspeed``
+launcher: ``WORLD_SIZE`` > 1): the embed stage is split. Rank 0 creates the memmap, then sends
+every rank (itself included) a contiguous slice of whole batches; each embeds its slice on
+``cuda:LOCAL_RANK`` (CPU without CUDA) into the one file, opened ``r+``; after a barrier rank 0
+records the stage as finished. Every other stage, ``state.json``, the console lines and the progress
+bars are rank 0's; the other ranks wait (gloo group, :class:`_Ranks`) and exit 0 when rank 0 is
+done or has stopped on an error (rank 0 prints it and exits 1). Every rank embeds the batches one
+process would, so the embeddings equal a one-process run's (bit-identical with ``pixels``; with a
+backbone up to rounding, as another device or thread count gives) and the stage fingerprints do not
+depend on the number of ranks: 1- and N-process runs resume each other's stages. The work
+directory must be on a filesystem every rank sees; one node is what is tested.
 """
 
 from __future__ import annotations
@@ -41,11 +54,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dvtrain import dist
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data import shards
 from dvtrain.data.curate import cluster as cl
 from dvtrain.data.curate import crops, dedup
-from dvtrain.data.curate.embed import check_model, make_embedder, write_embeddings
+from dvtrain.data.curate.embed import (Embedder, check_model, create_embeddings_file, embed_rows,
+                                       make_embedder, write_embeddings)
 from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool, open_payload
 from dvtrain.data.curate.quality import QualityThresholds, quality_reason, scan_images
 
@@ -187,11 +202,100 @@ def _default_work_dir(out: str) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------
+# Several ranks: the embed stage is split, every other stage runs on rank 0
+
+#: How long (s) a rank waits for rank 0 in one collective: the stages before and after embed run
+#: on rank 0 alone and may take hours on a large pool.
+RANK_WAIT_S = 24 * 3600.0
+
+
+@dataclass
+class _EmbedJob:
+    """One rank's share of the embed stage: ``payloads`` go to rows ``start..`` of ``path``."""
+
+    path: str
+    start: int
+    payloads: list[Any]
+    model: str
+    image_size: int
+    batch_size: int
+
+
+def _embed_jobs(payloads: list[Any], path: Path, o: CurateOptions, world_size: int) -> list[_EmbedJob]:
+    """Split N rows into ``world_size`` contiguous slices of whole batches (rank r gets batches
+    ``[r * B // W, (r + 1) * B // W)`` of the B batches), so every rank embeds exactly the batches
+    one process would (the same rows, bit-identical for ``pixels``)."""
+    n_batches = -(-len(payloads) // o.batch_size)
+    jobs = []
+    for r in range(world_size):
+        lo = min(len(payloads), r * n_batches // world_size * o.batch_size)
+        hi = min(len(payloads), (r + 1) * n_batches // world_size * o.batch_size)
+        jobs.append(_EmbedJob(str(path), lo, payloads[lo:hi], o.model, o.image_size, o.batch_size))
+    return jobs
+
+
+class _Ranks:
+    """The processes of a curation launched with ``WORLD_SIZE`` > 1 (torchrun, ``deepspeed``).
+
+    A gloo group (:func:`dvtrain.dist.init_distributed`; barriers and small messages only, so CPU
+    and GPU runs alike) in which rank 0 runs the pipeline and sends the others work: one
+    :class:`_EmbedJob` each at the embed stage, then ``None`` when it is done (or failed). The
+    work directory must be on a filesystem every rank sees (one node is what is tested).
+
+    Attributes:
+        rank, world_size: this process's place.
+        device: ``cuda:<LOCAL_RANK>`` with CUDA, else CPU (where this rank embeds).
+        embedding: rank 0 is between sending embed jobs and the barrier after them.
+    """
+
+    def __init__(self) -> None:
+        info = dist.init_distributed(backend="gloo", timeout_s=RANK_WAIT_S)
+        self.rank, self.world_size, self.device = info.rank, info.world_size, info.device
+        self.embedding = False
+
+    def send(self, items: list[Any]) -> Any:
+        """Rank 0: give rank r ``items[r]``; returns rank 0's own."""
+        import torch.distributed as torch_dist
+
+        got: list[Any] = [None]
+        torch_dist.scatter_object_list(got, items, src=0)
+        return got[0]
+
+    def receive(self) -> Any:
+        """Ranks > 0: wait for rank 0's next :meth:`send`; returns this rank's item."""
+        import torch.distributed as torch_dist
+
+        got: list[Any] = [None]
+        torch_dist.scatter_object_list(got, None, src=0)
+        return got[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def close(self) -> None:
+        import torch.distributed as torch_dist
+
+        if torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _serve_embed_jobs(ranks: _Ranks) -> None:
+    """Ranks > 0: embed the slices rank 0 sends into its memmap until it sends ``None``."""
+    embedder: Embedder | None = None
+    while (job := ranks.receive()) is not None:
+        if job.payloads:
+            if embedder is None:
+                embedder = make_embedder(job.model, job.image_size, str(ranks.device))
+            embed_rows(embedder, job.payloads, job.path, job.start, job.batch_size)
+        ranks.barrier()
+
+
+# ----------------------------------------------------------------------------------------------
 # The driver
 
 
 def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOptions | None = None,
-           on_stage: Callable[[str], None] | None = None) -> CurateResult:
+           on_stage: Callable[[str], None] | None = None) -> CurateResult | None:
     """Curate an image pool into MDS shards (see the module docstring for the stages).
 
     Args:
@@ -200,22 +304,50 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
         options: :class:`CurateOptions`.
         on_stage: called with a stage's name just before it runs (not when it is resumed).
 
+    Several processes: launched with ``WORLD_SIZE`` > 1 (torchrun, the ``deepspeed`` launcher;
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` set), every rank calls this with the
+    same arguments; the embed stage is split over the ranks (see the module docstring), every
+    other stage, the console and the progress bars are rank 0's.
+
     Returns:
-        CurateResult with the report written to ``OUT/curation_report.json``.
+        CurateResult with the report written to ``OUT/curation_report.json``; None on ranks > 0.
 
     Raises:
         ValueError: bad options, an unreadable source / evaluation / seed set, a model that cannot
             load, ``--target-size`` above the images left, or nothing left to write. Stages that
             finished stay in the work directory, so a corrected rerun resumes after them.
+            Under several ranks only rank 0 raises them; the other ranks return None.
     """
     o = options or CurateOptions()
-    src, out = str(src), str(out)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _curate(str(src), str(out), o, on_stage, None)
+    ranks = _Ranks()
+    try:
+        if ranks.rank != 0:
+            _serve_embed_jobs(ranks)
+            return None
+        try:
+            return _curate(str(src), str(out), o, on_stage, ranks)
+        finally:
+            # success or error: release the other ranks (they exit 0; rank 0 reports an error).
+            # A failure inside the embed exchange is left to the launcher, which stops them all.
+            if not ranks.embedding:
+                ranks.send([None] * ranks.world_size)
+    finally:
+        ranks.close()
+
+
+def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None] | None,
+            ranks: _Ranks | None) -> CurateResult:
+    """:func:`curate` on rank 0 (or in the only process): every stage; ``ranks`` splits the
+    embed stage over the launched processes."""
     t_start = time.time()
     _check_options(src, out, o)
     pool = list_pool(src)
     against = list_pool(o.against, "--against") if o.against else None
     seeds = list_pool(o.seed_set, "--seed-set") if o.seed_set else None
-    embedder = make_embedder(o.model, o.image_size)  # a model that cannot load fails here, first
+    # a model that cannot load fails here, first
+    embedder = make_embedder(o.model, o.image_size, str(ranks.device) if ranks else None)
     work = _Work(Path(o.work_dir).expanduser() if o.work_dir else _default_work_dir(out))
     n = len(pool)
     resumed: list[str] = []
@@ -309,10 +441,22 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
 
     def embed() -> dict[str, Any]:
         e = get_embedder()
+        payloads = [pool.payload(int(i)) for i in alive]
         with _bar(o.progress) as bar:
-            job = bar.add_task("embed", total=len(alive), skipped=0)
-            write_embeddings(e, [pool.payload(int(i)) for i in alive], emb_path, o.batch_size,
-                             on_batch=lambda done: bar.update(job, completed=done))
+            if ranks is None:
+                job = bar.add_task("embed", total=len(alive), skipped=0)
+                write_embeddings(e, payloads, emb_path, o.batch_size,
+                                 on_batch=lambda done: bar.update(job, completed=done))
+            else:  # rank 0 creates the file, then every rank fills its slice; rank 0's bar
+                create_embeddings_file(emb_path, len(payloads), e.dim)
+                ranks.embedding = True
+                mine = ranks.send(_embed_jobs(payloads, emb_path, o, ranks.world_size))
+                job = bar.add_task(f"embed (rank 0 of {ranks.world_size})",
+                                   total=len(mine.payloads), skipped=0)
+                embed_rows(e, mine.payloads, emb_path, mine.start, o.batch_size,
+                           on_batch=lambda done: bar.update(job, completed=done))
+                ranks.barrier()  # every slice is written; run() then records the stage
+                ranks.embedding = False
         return {"embedder": e.name, "dim": e.dim, "count": len(alive)}
 
     emb_res = run("embed", {"model": o.model, "image_size": o.image_size,
