@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import typer
 
+from dvtrain import installed_version
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.checkpoint.backbone import (
     EXPORT_CONFIG_VERSION,
@@ -53,15 +54,6 @@ from dvtrain.models.vit import DinoVisionTransformer
 
 EXPORT_FORMATS = ("hub", "hf", "safetensors")
 HF_CHECK_ATOL = 1e-5
-
-
-def _dvtrain_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dvtrain")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def hub_state_dict(model: DinoVisionTransformer) -> dict[str, torch.Tensor]:
@@ -97,7 +89,7 @@ def _export_config(fmt: str, loaded: LoadedBackbone, kwargs: dict[str, Any]) -> 
         "pos_embed_resampling": resampling_mode(kwargs),
         "provenance": {
             "source_format": loaded.source_format,
-            "dvtrain_version": _dvtrain_version(),
+            "dvtrain_version": installed_version(),
             "exported_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             **{k: v for k, v in loaded.meta.items() if isinstance(v, (str, int, float, bool)) or v is None},
         },

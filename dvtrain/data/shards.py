@@ -50,6 +50,7 @@ import multiprocessing as mp
 import numpy as np
 from PIL import Image, ImageFile
 
+from dvtrain import installed_version
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data.images import decode_for_storage, encode, resize_max_side
 from dvtrain.data.remote import check_remote, is_remote
@@ -173,7 +174,9 @@ class _Task:
 
 
 @dataclass
-class _Source:
+class ImageSource:
+    """What ``data convert`` / ``data curate`` read: the entries found in SRC, in order."""
+
     kind: str  # "folder" | "list" | "idx" | "npy" | "npz"
     description: dict[str, Any]
     tasks: list[_Task]
@@ -196,7 +199,7 @@ def _walk_images(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _folder_source(src: Path, labels: str) -> _Source:
+def _folder_source(src: Path, labels: str) -> ImageSource:
     subdirs = sorted(p.name for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
     if labels == "auto":
         labels = "from-folders" if subdirs else "none"
@@ -221,7 +224,7 @@ def _folder_source(src: Path, labels: str) -> _Source:
         for path in _walk_images(src):
             tasks.append(_Task(key=path.relative_to(src).as_posix(), label=-1, path=str(path)))
     desc = {"kind": "folder", "path": str(src), "labels": labels}
-    return _Source("folder", desc, tasks, label_names, pre_skipped)
+    return ImageSource("folder", desc, tasks, label_names, pre_skipped)
 
 
 def _parse_list_line(line: str) -> tuple[str, int | None]:
@@ -235,7 +238,7 @@ def _parse_list_line(line: str) -> tuple[str, int | None]:
     return line, None
 
 
-def _list_source(src: Path, labels: str) -> _Source:
+def _list_source(src: Path, labels: str) -> ImageSource:
     if labels == "from-folders":
         raise ValueError(f"--labels from-folders needs an image folder, but {src} is a list file; "
                          f"put labels in the list ('path<TAB>label') or use --labels none")
@@ -257,10 +260,10 @@ def _list_source(src: Path, labels: str) -> _Source:
     if labels == "auto" and not any_label:
         labels = "none"
     desc = {"kind": "list", "path": str(src), "labels": "from-list" if labels != "none" else "none"}
-    return _Source("list", desc, tasks, None, pre_skipped)
+    return ImageSource("list", desc, tasks, None, pre_skipped)
 
 
-def _array_source(src: Path, labels: str, labels_file: Path | None) -> _Source:
+def _array_source(src: Path, labels: str, labels_file: Path | None) -> ImageSource:
     if labels == "from-folders":
         raise ValueError(f"--labels from-folders needs an image folder, but {src} is an array file; "
                          f"give --labels-file for IDX/.npy images or an .npz with 'labels'")
@@ -298,7 +301,7 @@ def _array_source(src: Path, labels: str, labels_file: Path | None) -> _Source:
     desc = {"kind": kind, "path": str(src), "labels": "none" if array_labels is None else "array",
             "labels_file": str(labels_file) if labels_file is not None else None,
             "array_shape": list(images.shape), "array_dtype": str(images.dtype)}
-    return _Source(kind, desc, tasks, None, [])
+    return ImageSource(kind, desc, tasks, None, [])
 
 
 def _check_image_array(images: np.ndarray, src: Path) -> None:
@@ -311,7 +314,15 @@ def _check_image_array(images: np.ndarray, src: Path) -> None:
                          f"C in 1/3/4 (channels last); got shape {tuple(images.shape)}")
 
 
-def _build_source(src: Path, labels: str, labels_file: Path | None) -> _Source:
+def build_source(src: Path, labels: str, labels_file: Path | None) -> ImageSource:
+    """List SRC (an image folder, a path list, IDX, .npy/.npz) without decoding anything.
+
+    Args:
+        src: the source path. labels: one of ``LABEL_MODES``. labels_file: labels of an array source.
+
+    Raises:
+        ValueError: an unknown label mode, a missing or unreadable source, or no image found.
+    """
     if labels not in LABEL_MODES:
         raise ValueError(f"labels={labels!r} is not valid; choose one of {LABEL_MODES}")
     if not src.exists():
@@ -377,10 +388,10 @@ def _process(task: _Task, max_side: int | None) -> _Result:
         return _Result(task.key, task.label, out, None, fmt, w, h, notes["resized"], notes["scaled_from_16bit"],
                        notes["exif_transposed"])
     except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
-        return _Result(task.key, task.label, None, _reason(e))
+        return _Result(task.key, task.label, None, error_reason(e))
 
 
-def _reason(e: Exception) -> str:
+def error_reason(e: Exception) -> str:
     """Error text without memory addresses (PIL names the BytesIO), so manifests are reproducible."""
     return re.sub(r"<[\w.]+ object at 0x[0-9a-fA-F]+>", "(image bytes)", f"{type(e).__name__}: {e}")
 
@@ -433,7 +444,9 @@ class ConversionReport:
         return list(self.manifest["skipped"])
 
 
-def _progress_bar(enabled: bool):
+def progress_bar(enabled: bool):
+    """The data commands' rich progress bar (count, images/s, skipped, ETA); a silent one when
+    ``enabled`` is False. Use as a context manager; tasks take a ``skipped`` field."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn, TimeRemainingColumn)
 
@@ -498,7 +511,7 @@ def convert_to_mds(
     if is_remote(out):  # credentials, endpoint and bucket before any image is read (bounded, ~30 s)
         check_remote(str(out), "OUT", expect_dataset=False)
     src_path = Path(src).expanduser()
-    source = _build_source(src_path, labels, Path(labels_file) if labels_file else None)
+    source = build_source(src_path, labels, Path(labels_file) if labels_file else None)
     if label_names is not None:
         if source.label_names is not None:
             raise ValueError("label names come from the class folders for a folder source; "
@@ -538,7 +551,7 @@ def convert_to_mds(
     skipped = list(pre_skipped)
     num_resized = num_16bit = num_exif = 0
     try:
-        with _progress_bar(progress) as bar:
+        with progress_bar(progress) as bar:
             job = bar.add_task("convert", total=len(tasks), skipped=len(skipped))
             for i, res in enumerate(_ordered_results(tasks, max_side, workers)):
                 if res.data is None:
@@ -561,14 +574,14 @@ def convert_to_mds(
                              f"{skipped[0]['path']}: {skipped[0]['reason']}")
         writer.finish()  # writes the last shard and index.json (uploads them when remote)
         finished = True
-        manifest = _manifest(source, tasks, num_samples, label_counts, formats, widths, heights,
-                             skipped, num_resized, max_side, limit, num_16bit, num_exif)
+        manifest = build_manifest(source, tasks, num_samples, label_counts, formats, widths, heights,
+                                  skipped, num_resized, max_side, limit, num_16bit, num_exif)
         if remote:
             _upload_manifest(manifest, out_str)
         else:
             assert final_dir is not None
             write_json_atomic(work_dir / MANIFEST_NAME, manifest, sort_keys=True)
-            _swap_into_place(work_dir, final_dir)
+            swap_into_place(work_dir, final_dir)
     except BaseException:
         if not finished:
             writer.cancel_future_jobs()
@@ -581,7 +594,7 @@ def convert_to_mds(
     return ConversionReport(out=out_str, manifest=manifest)
 
 
-def _swap_into_place(tmp: Path, final: Path) -> None:
+def swap_into_place(tmp: Path, final: Path) -> None:
     """Rename tmp -> final; an existing final (overwrite) is moved aside first, then deleted."""
     old = None
     if final.exists():
@@ -615,11 +628,13 @@ def _size_stats(values: list[int]) -> dict[str, float]:
             "median": float(np.median(a))}
 
 
-def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
-              label_counts: Counter[int], formats: Counter[str], widths: list[int],
-              heights: list[int], skipped: list[dict[str, str]], num_resized: int,
-              max_side: int | None, limit: int | None, num_16bit: int = 0,
-              num_exif: int = 0) -> dict[str, Any]:
+def build_manifest(source: ImageSource, tasks: Sequence[_Task], num_samples: int,
+                   label_counts: Counter[int], formats: Counter[str], widths: list[int],
+                   heights: list[int], skipped: list[dict[str, str]], num_resized: int,
+                   max_side: int | None, limit: int | None, num_16bit: int = 0,
+                   num_exif: int = 0) -> dict[str, Any]:
+    """The ``manifest.json`` of a dataset written from ``source`` (format ``MANIFEST_FORMAT``;
+    counts, label names and counts, image sizes and formats, every skipped entry with its reason)."""
     names = source.label_names
     counts = {str(k): int(v) for k, v in sorted(label_counts.items())}
     if names is not None:
@@ -629,7 +644,7 @@ def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
     return {
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
-        "dvtrain_version": _dvtrain_version(),
+        "dvtrain_version": installed_version(),
         "source": source.description,
         "columns": dict(COLUMNS),
         "num_samples": num_samples,
@@ -648,15 +663,6 @@ def _manifest(source: _Source, tasks: Sequence[_Task], num_samples: int,
         "height": _size_stats(heights),
         "skipped": skipped,
     }
-
-
-def _dvtrain_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("dvtrain")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def read_manifest(out: str | os.PathLike) -> dict[str, Any]:

@@ -55,6 +55,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dvtrain import dist
+from dvtrain import installed_version
 from dvtrain.checkpoint.atomic import write_json_atomic
 from dvtrain.data import shards
 from dvtrain.data.curate import cluster as cl
@@ -153,7 +154,7 @@ def _fingerprint(prev: str, stage: str, values: dict[str, Any]) -> str:
 
 
 def _bar(enabled: bool):
-    return shards._progress_bar(enabled)
+    return shards.progress_bar(enabled)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,10 +674,10 @@ def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,
                 bar.update(job, advance=1)
         writer.finish()
         finished = True
-        source = shards._Source(pool.kind, {"kind": pool.kind, "path": pool.src,
+        source = shards.ImageSource(pool.kind, {"kind": pool.kind, "path": pool.src,
                                             "curated": True}, [], pool.label_names, [])
-        manifest = shards._manifest(source, [None] * len(selected), len(selected), label_counts,
-                                    formats, widths, heights, [], 0, None, None)
+        manifest = shards.build_manifest(source, [None] * len(selected), len(selected), label_counts,
+                                         formats, widths, heights, [], 0, None, None)
         manifest["num_source_entries"] = report["counts"]["source"]
         manifest["curation"] = {"report": REPORT_JSON, "counts": report["counts"]}
         local = staging / "extra" if remote else work_dir
@@ -691,7 +692,7 @@ def _write_output(pool: Pool, selected: np.ndarray, out: str, o: CurateOptions,
             for name in (REPORT_JSON, REPORT_PNG, shards.MANIFEST_NAME):
                 up.upload_file(name)
         else:
-            shards._swap_into_place(work_dir, Path(out).expanduser().absolute())
+            shards.swap_into_place(work_dir, Path(out).expanduser().absolute())
     except BaseException:
         if not finished:
             writer.cancel_future_jobs()
@@ -731,6 +732,6 @@ def _versions() -> dict[str, str]:
     import PIL
     import torch
 
-    return {"dvtrain": shards._dvtrain_version(), "faiss": faiss.__version__,
+    return {"dvtrain": installed_version(), "faiss": faiss.__version__,
             "imagehash": imagehash.__version__, "pillow": PIL.__version__, "numpy": np.__version__,
             "torch": torch.__version__, "python": platform.python_version()}

@@ -1,6 +1,6 @@
 """The image pool a curation runs over: the sources ``dvtrain data convert`` reads, plus MDS.
 
-SRC is listed with the converter's own source reader (:func:`dvtrain.data.shards._build_source`:
+SRC is listed with the converter's own source reader (:func:`dvtrain.data.shards.build_source`:
 image folders, path lists, IDX, ``.npy``/``.npz``), or, when SRC is a local MDS directory (it holds
 ``index.json``), read sample by sample with streaming's ``LocalDataset`` (columns ``image`` and
 optionally ``label``/``key``, as ``data convert`` writes them).
@@ -106,7 +106,7 @@ def list_pool(src: str | os.PathLike, what: str = "source") -> Pool:
         if unreadable:
             raise ValueError(f"{what} {path}: directory {unreadable[0]} is not readable "
                              f"(permission denied); its images would be silently missing")
-    source = shards._build_source(path, "auto", None)
+    source = shards.build_source(path, "auto", None)
     tasks = source.tasks
     if not tasks:
         raise ValueError(f"{what} {path}: found no images (extensions "

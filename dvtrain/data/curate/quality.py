@@ -79,7 +79,7 @@ def _scan_one(payload: Any, with_crops: bool = False) -> dict[str, Any]:
     try:
         im, data = open_payload(payload)
     except Exception as e:  # noqa: BLE001 - any reader/decoder failure is a rejection reason
-        return {"ok": False, "reason": "does not decode: " + shards._reason(e)}
+        return {"ok": False, "reason": "does not decode: " + shards.error_reason(e)}
     w, h = im.size
     rgb = im.convert("RGB")
     pixel_hash = hashlib.sha1(f"{w}x{h}".encode() + rgb.tobytes()).hexdigest()
