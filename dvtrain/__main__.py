@@ -1,6 +1,22 @@
-"""``python -m dvtrain`` = the ``dvtrain`` console script (used by the deepspeed launcher)."""
+"""``python -m dvtrain`` and the ``dvtrain`` console script (:func:`main`; the deepspeed launcher
+runs the module).
 
-from dvtrain.cli import app
+Importing the CLI takes seconds (torch, DeepSpeed); a Ctrl-C during that import is one line and
+exit status 130 like a Ctrl-C later (:func:`dvtrain.errors.user_errors`), not a traceback.
+"""
+
+import sys
+
+
+def main() -> None:
+    """Import and run the Typer app."""
+    try:
+        from dvtrain.cli import app
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
+    app()
+
 
 if __name__ == "__main__":
-    app()
+    main()

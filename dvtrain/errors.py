@@ -1,7 +1,8 @@
 """User-facing error handling shared by every CLI command.
 
 A user error (a bad recipe, file, field, sample or option) is one message on stderr and exit status 1,
-without a traceback; anything else is a bug and keeps its traceback. A warning (:func:`warn`) is one
+without a traceback; Ctrl-C is one line and exit status 130; anything else is a bug and keeps its
+traceback. A warning (:func:`warn`) is one
 line on stderr and changes no exit status.
 """
 
@@ -33,7 +34,8 @@ def warn(message: str) -> None:
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Decorator for command functions: user errors -> message + exit 1 (no traceback)."""
+    """Decorator for command functions: user errors -> message + exit 1 (no traceback); Ctrl-C ->
+    "stopped (Ctrl-C)" + exit 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -42,6 +44,9 @@ def user_errors(fn: Callable) -> Callable:
         except USER_ERRORS as exc:
             report(exc)
             raise typer.Exit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: stopped, not failed (the exit status of a SIGINT)
+            err_console.print("stopped (Ctrl-C)")
+            raise typer.Exit(130) from None
 
     return wrapper
 

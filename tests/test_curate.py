@@ -305,6 +305,40 @@ def test_cli_subprocess_writes_mds_the_trainer_reads(planted, tmp_path):
     assert len(samples) == 150 and all(decode_image(s["image"]).shape[0] == 3 for s in samples[:20])
 
 
+@pytest.mark.slow  # two CLI subprocesses, ~25 s
+def test_ctrl_c_stops_with_130_and_the_relaunch_resumes(planted, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while stage `near` runs
+    with 2 decoding workers: one line naming the stage and the work directory, exit 130, no
+    traceback from the command or its workers; the same command again resumes after `embed`."""
+    import signal
+
+    pool, _, _ = planted
+    out = tmp_path / "curated"
+    cmd = [sys.executable, "-m", "dvtrain", "data", "curate", str(pool.root / "pool"), str(out),
+           "--against", str(pool.against), "--min-side", "24", "--min-sharpness", "40",
+           "--workers", "2", "--no-progress"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            cwd=REPO, start_new_session=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.strip() == "stage near":  # printed just before the stage starts its work
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    lines += proc.stdout.readlines()
+    text = "".join(lines)
+    assert proc.wait(timeout=120) == 130, text
+    assert "Traceback" not in text and "KeyboardInterrupt" not in text, text
+    assert (f"stopped (Ctrl-C) in stage near; the stages that finished are kept in "
+            f"{out}.curate-work") in text.replace("\n", ""), text
+    assert not out.exists()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "resumed: quality, exact, embed" in res.stdout and "stage quality" not in res.stdout
+    assert (out / "curation_report.json").is_file()
+
+
 @pytest.mark.slow
 def test_launch_trains_on_curated_output(planted, tmp_path):
     from test_launch import launch_cmd, run, tiny_overrides

@@ -145,7 +145,8 @@ def curate(
     model: str = typer.Option("pixels", help="Embedding backbone: a run directory, training "
                               "checkpoint, `dvtrain export` output, HF directory or dinov2 hub "
                               "file; 'pixels' = 16x16 grayscale raw-pixel baseline."),
-    image_size: int = typer.Option(224, help="Backbone input crop (px)."),
+    image_size: int = typer.Option(224, help="Backbone input side (px): the shorter side is "
+                                   "resized to it, then centre-cropped square."),
     against: Optional[Path] = typer.Option(None, help="Evaluation set (same kinds as SRC): pool "
                                            "images that duplicate one of its images are removed."),
     seed_set: Optional[Path] = typer.Option(None, help="Curated seed images: keep the "
@@ -193,6 +194,7 @@ def curate(
     Example: torchrun --nproc_per_node 8 -m dvtrain data curate /data/crawl /data/mds/curated --model runs/vits14
     """
     from dvtrain.data.curate import CurateOptions, curate as run_curate
+    from dvtrain.data.curate.pipeline import default_work_dir
 
     opts = CurateOptions(
         min_side=min_side, max_aspect=max_aspect, min_sharpness=min_sharpness, min_std=min_std,
@@ -205,7 +207,19 @@ def curate(
         seed_set=str(seed_set) if seed_set else None, retrieve_k=retrieve_k, workers=workers,
         shard_size=shard_size, work_dir=str(work_dir) if work_dir else None, overwrite=overwrite,
         progress=progress)
-    res = run_curate(src, out, opts, on_stage=lambda s: console.print(f"[bold]stage {s}[/bold]"))
+    stages: list[str] = []
+
+    def on_stage(stage: str) -> None:
+        stages.append(stage)
+        console.print(f"[bold]stage {stage}[/bold]")
+
+    try:
+        res = run_curate(src, out, opts, on_stage=on_stage)
+    except KeyboardInterrupt:
+        work = work_dir or default_work_dir(out)
+        console.print(f"stopped (Ctrl-C) in stage {stages[-1] if stages else 'start-up'}; the stages that "
+                      f"finished are kept in {work}: run the same command again to continue after them")
+        raise typer.Exit(130) from None
     if res is None:  # a rank > 0 of a multi-process curation: rank 0 reports
         return
     c = res.report["counts"]

@@ -37,7 +37,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -400,23 +402,45 @@ def _process_chunk(chunk: list[_Task], max_side: int | None) -> list[_Result]:
     return [_process(t, max_side) for t in chunk]
 
 
-def _ordered_results(tasks: Sequence[_Task], max_side: int | None, workers: int,
-                     chunk_size: int = 64) -> Iterator[_Result]:
-    """Process tasks in a process pool; yield results in task order with bounded memory."""
+def _ignore_sigint() -> None:
+    """Worker initializer: a Ctrl-C reaches the whole process group; the main process alone stops
+    the command (the pool is then shut down), so workers print no traceback of their own."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def map_in_workers(fn: Callable[..., list[Any]], items: Sequence[Any], workers: int, *args: Any,
+                   chunk_size: int = 64) -> Iterator[Any]:
+    """``fn(chunk, *args)`` over chunks of ``items`` in ``workers`` spawn processes (1 = in this
+    process); yields the results in item order, with at most ``4 * workers`` chunks in flight.
+
+    ``fn`` must be a module-level function returning one result per item of its chunk; spawn is
+    safe when the caller has threads (torch, rich) and the workers import only ``fn``'s module.
+    Workers ignore SIGINT; an exception or Ctrl-C in the caller cancels the chunks not started.
+    """
+    chunks = (list(items[i:i + chunk_size]) for i in range(0, len(items), chunk_size))
     if workers <= 1:
-        for t in tasks:
-            yield _process(t, max_side)
+        for c in chunks:
+            yield from fn(c, *args)
         return
-    chunks = (list(tasks[i:i + chunk_size]) for i in range(0, len(tasks), chunk_size))
-    # spawn: safe when the caller has threads (torch, rich); workers import only this module.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        pending = deque(pool.submit(_process_chunk, c, max_side) for c in islice(chunks, 4 * workers))
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint)
+    try:
+        # The first submits start the workers. An ignored SIGINT survives the exec of spawn, and
+        # Python keeps it ignored, so a Ctrl-C while a worker still imports prints no traceback.
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+        try:
+            pending = deque(pool.submit(fn, c, *args) for c in islice(chunks, 4 * workers))
+        finally:
+            if main:
+                signal.signal(signal.SIGINT, previous)
         while pending:
             results = pending.popleft().result()
             nxt = next(chunks, None)
             if nxt is not None:
-                pending.append(pool.submit(_process_chunk, nxt, max_side))
+                pending.append(pool.submit(fn, nxt, *args))
             yield from results
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -553,7 +577,7 @@ def convert_to_mds(
     try:
         with progress_bar(progress) as bar:
             job = bar.add_task("convert", total=len(tasks), skipped=len(skipped))
-            for i, res in enumerate(_ordered_results(tasks, max_side, workers)):
+            for i, res in enumerate(map_in_workers(_process_chunk, tasks, workers, max_side)):
                 if res.data is None:
                     skipped.append({"path": res.key, "reason": str(res.reason)})
                 else:

@@ -182,8 +182,9 @@ def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, 
 
 def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Image.Image]],
                    copies: tuple[np.ndarray, np.ndarray, Callable[[int], Image.Image]] | None,
-                   min_cos: float, ncc: float, per_image: int = 3,
-                   nprobe: int = 16) -> tuple[np.ndarray, np.ndarray]:
+                   min_cos: float, ncc: float, per_image: int = 3, nprobe: int = 16,
+                   on_progress: Callable[[int, int], None] | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Verified cropped copies (:func:`crop_candidates`, then :func:`crop_ncc` per candidate).
 
     Args:
@@ -191,6 +192,7 @@ def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Imag
         copies: the same for the possible copies; None = the originals themselves.
         min_cos: candidate thumbnail cosine. ncc: verification threshold (normalised
             cross-correlation, e.g. 0.995).
+        on_progress: called with (candidates verified, candidates) every 256 and at the end.
 
     Returns:
         ([P, 2] int64 (original position, copy position), [P] float32 scores); positions index
@@ -210,9 +212,13 @@ def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Imag
         return cache[pos]
 
     pairs, scores = [], []
-    for o, c, b in cand.tolist():
+    for k, (o, c, b) in enumerate(cand.tolist()):
         s = crop_ncc(image(1, c), image(0, o), BOXES[b])
         if s >= ncc - 1e-6:
             pairs.append((o, c))
             scores.append(s)
+        if on_progress and (k + 1) % 256 == 0:
+            on_progress(k + 1, len(cand))
+    if on_progress:
+        on_progress(len(cand), len(cand))
     return np.asarray(pairs, np.int64).reshape(-1, 2), np.asarray(scores, np.float32)

@@ -194,7 +194,9 @@ def _check_options(src: str, out: str, o: CurateOptions) -> None:
         raise ValueError("OUT must differ from SRC")
 
 
-def _default_work_dir(out: str) -> Path:
+def default_work_dir(out: str) -> Path:
+    """Where a curation to ``out`` keeps its stage results without ``--work-dir``: ``OUT.curate-work``
+    beside a local OUT, ``./<name>.curate-work`` for an object-store OUT."""
     if shards.is_remote(out):
         name = out.rstrip("/").rsplit("/", 1)[-1] or "out"
         return Path.cwd() / f"{name}.curate-work"
@@ -349,7 +351,7 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
     seeds = list_pool(o.seed_set, "--seed-set") if o.seed_set else None
     # a model that cannot load fails here, first
     embedder = make_embedder(o.model, o.image_size, str(ranks.device) if ranks else None)
-    work = _Work(Path(o.work_dir).expanduser() if o.work_dir else _default_work_dir(out))
+    work = _Work(Path(o.work_dir).expanduser() if o.work_dir else default_work_dir(out))
     n = len(pool)
     resumed: list[str] = []
     removed: list[dict[str, Any]] = [dict(r, stage="quality", duplicate_of=None)
@@ -476,6 +478,14 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
             pool_desc = ((np.load(work.path / "crops.npy", mmap_mode="r"),
                           lambda row: open_payload(pool.payload(row))[0]) if with_crops else None)
             crop_text = f"crop or rescaled copy, normalised cross-correlation >= {o.crop_ncc}"
+            crop_jobs: dict[str, Any] = {}
+
+            def crop_progress(label: str) -> Callable[[int, int], None]:
+                def update(done: int, total: int) -> None:
+                    if label not in crop_jobs:
+                        crop_jobs[label] = bar.add_task(label, total=total, skipped=0)
+                    bar.update(crop_jobs[label], completed=done)
+                return update
             if against is not None:  # first, so that a pool copy of an eval image never stays
                 a_codes, a_emb, a_desc, a_ok = _describe(against, get_embedder(), o)
                 hits = dedup.against_duplicates(codes, emb, a_codes, a_emb, o.phash_radius,
@@ -484,7 +494,8 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
                     a_rows = np.arange(len(a_ok))
                     cropped, _ = crops.cropped_copies(
                         (a_desc, a_rows, lambda row: open_payload(against.payload(a_ok[row]))[0]),
-                        (pool_desc[0], alive, pool_desc[1]), o.crop_cos, o.crop_ncc, nprobe=o.nprobe)
+                        (pool_desc[0], alive, pool_desc[1]), o.crop_cos, o.crop_ncc, nprobe=o.nprobe,
+                        on_progress=crop_progress("against crops"))
                     for e_i, i in cropped.tolist():
                         hits.setdefault(i, (e_i, f"duplicates an evaluation image ({crop_text})"))
                 for i, (e_i, why) in sorted(hits.items()):
@@ -496,7 +507,8 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
             extra = []
             if pool_desc is not None:
                 cropped, _ = crops.cropped_copies((pool_desc[0], alive[rest], pool_desc[1]), None,
-                                                  o.crop_cos, o.crop_ncc, nprobe=o.nprobe)
+                                                  o.crop_cos, o.crop_ncc, nprobe=o.nprobe,
+                                                  on_progress=crop_progress("cropped copies"))
                 extra.append((crop_text, cropped))
             dups = dedup.near_duplicates(codes[rest], emb[rest] if len(rest) < len(emb) else emb,
                                          area[rest], sharp[rest], o.phash_radius, o.near_cos,

@@ -17,11 +17,7 @@ quality filters, these are the usual ones); the variance of the Laplacian is Pec
 from __future__ import annotations
 
 import hashlib
-import multiprocessing as mp
-from collections import deque
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -105,7 +101,8 @@ def _scan_chunk(chunk: list[Any], with_crops: bool = False) -> list[dict[str, An
 def scan_images(payloads: Sequence[Any], workers: int = 1, chunk_size: int = 64,
                 on_result: Callable[[int], None] | None = None,
                 with_crops: bool = False) -> Iterator[dict[str, Any]]:
-    """Decode and measure images, in order, in ``workers`` spawn processes (bounded memory).
+    """Decode and measure images, in order, in ``workers`` spawn processes (bounded memory;
+    :func:`dvtrain.data.shards.map_in_workers`).
 
     Args:
         payloads: from :meth:`Pool.payload`.
@@ -118,27 +115,11 @@ def scan_images(payloads: Sequence[Any], workers: int = 1, chunk_size: int = 64,
         ``pixel_hash`` (SHA-1 hex), ``phash`` (16 hex digits, 64 bits), and with ``with_crops``
         ``crop_desc`` ([B, T] fp16, :func:`.crops.crop_descriptors`).
     """
-    chunks = (list(payloads[i:i + chunk_size]) for i in range(0, len(payloads), chunk_size))
-    done = 0
-    if workers <= 1:
-        for c in chunks:
-            for r in _scan_chunk(c, with_crops):
-                yield r
-            done += len(c)
-            if on_result:
-                on_result(done)
-        return
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
-        pending = deque(pool.submit(_scan_chunk, c, with_crops) for c in islice(chunks, 4 * workers))
-        while pending:
-            results = pending.popleft().result()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(pool.submit(_scan_chunk, nxt, with_crops))
-            yield from results
-            done += len(results)
-            if on_result:
-                on_result(done)
+    for done, rec in enumerate(shards.map_in_workers(_scan_chunk, payloads, workers, with_crops,
+                                                     chunk_size=chunk_size), start=1):
+        yield rec
+        if on_result and (done % chunk_size == 0 or done == len(payloads)):
+            on_result(done)
 
 
 def quality_reason(rec: dict[str, Any], t: QualityThresholds) -> str | None:
