@@ -2,8 +2,7 @@
 
 A user error (a bad recipe, file, field, sample or option) is one message on stderr and exit status 1,
 without a traceback; Ctrl-C is one line and exit status 130; anything else is a bug and keeps its
-traceback. A warning (:func:`warn`) is one
-line on stderr and changes no exit status.
+traceback. A warning (:func:`warn`) is one line on stderr and changes no exit status.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ their embeddings alone reaches ``cos_threshold`` (Faiss inner-product range sear
 L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, above it an inverted file
 (``IndexIVFScalarQuantizer`` with fp16 codes, 2 sqrt(N) lists, ``nprobe`` visited per query)). The
 pairs, with the cropped copies of :mod:`.crops`, form a graph; from each connected group one image
-stays (the largest, then the sharpest, then the first), the others are removed as ``duplicate_of`` it. ``--against``: a pool image
-within the same radius / threshold of any image of the evaluation set is removed.
+stays (the largest, then the sharpest, then the first), the others are removed as ``duplicate_of``
+it. ``--against``: a pool image within the same radius / threshold of any image of the evaluation
+set, or a verified crop / rescale of one (:mod:`.crops`), is removed.
 
 Reference: DINOv2 paper section 3 ("Deduplication": copy detection with SSCD embeddings and
 connected components; removal of near-duplicates of evaluation images). The embedding here is the

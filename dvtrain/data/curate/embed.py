@@ -9,7 +9,8 @@ Embedders (``--model``):
   docs/deviations.md), L2-normalised; this is how the DINOv2 paper (section 3) embeds its pool for
   retrieval and deduplication;
 - ``pixels``: the raw-pixel baseline, a 16 x 16 grayscale thumbnail (box filter), mean
-  removed, L2-normalised (256 dims; :func:`.crops.thumbnail`). No model needed; useful for tests and as a baseline.
+  removed, L2-normalised (256 dims; :func:`.crops.thumbnail`). No model needed; useful for tests
+  and as a baseline.
 
 Several processes (``dvtrain data curate`` under torchrun / the ``deepspeed`` launcher): rank 0
 creates the file (:func:`create_embeddings_file`), every rank fills its contiguous slice of rows
@@ -65,7 +66,8 @@ class Embedder:
 
     Args:
         model: ``"pixels"`` or a checkpoint path (see module docstring).
-        image_size: input side (px) of a backbone (shorter side resized to it, then centre-cropped square).
+        image_size: input side (px) of a backbone (shorter side resized to it, then centre-cropped
+            square).
         device: torch device for a backbone.
 
     Attributes:
