@@ -5,9 +5,9 @@ contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and
 perceptual hash (``imagehash.phash``: DCT of a 32 x 32 grayscale thumbnail), and optionally the
 crop descriptors of :mod:`.crops`. Rejections, each with its reason: the file does not read or
 decode; the shorter side is below ``min_side``; the aspect ratio exceeds ``max_aspect``; the image
-is blurred (variance of the Laplacian of the grayscale
-image, 0..255 scale, measured on a copy whose longer side is at most 512 px, below
-``min_sharpness``); the image is near-constant (grayscale standard deviation below ``min_std``).
+is blurred (variance of the Laplacian of the grayscale image, 0..255 scale, measured on a copy
+whose longer side is at most 512 px, below ``min_sharpness``); the image is near-constant
+(grayscale standard deviation below ``min_std``).
 
 Reference: DINOv2 paper section 3 and appendix (the curation pipeline; the paper does not list its
 quality filters, these are the usual ones); the variance of the Laplacian is Pech-Pacheco et al.
