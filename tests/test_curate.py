@@ -108,9 +108,15 @@ def test_crop_ncc_and_candidates_on_hand_made_crops():
     assert (cand[:, 0] != cand[:, 1]).all()
     pairs = {(o, c) for o, c, _ in cand.tolist()}
     assert {(0, 60), (1, 61), (2, 62)} <= pairs
-    found, score = crops.cropped_copies((desc, np.arange(63), lambda r: (full + copies)[r]), None,
-                                        min_cos=0.9, ncc=0.995)
-    assert {(0, 60), (1, 61), (2, 62)} <= {tuple(p) for p in found.tolist()} and (score >= 0.995).all()
+    arrays = [np.asarray(im) for im in full + copies]
+    for workers in (1, 2):  # verification in this process and in 2 worker processes: same result
+        found, score = crops.cropped_copies((desc, np.arange(63), lambda r: ("array", arrays[r])), None,
+                                            min_cos=0.9, ncc=0.995, workers=workers)
+        assert {(0, 60), (1, 61), (2, 62)} <= {tuple(p) for p in found.tolist()} and (score >= 0.995).all()
+        if workers == 1:
+            first = (found, score)
+        else:
+            assert np.array_equal(found, first[0]) and np.array_equal(score, first[1])
 
 
 def test_untouched_images_stay_and_rejects_have_reasons(planted):

@@ -26,7 +26,7 @@ Shape legend: N images, B boxes (``len(BOXES)``), T = 256 thumbnail values.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
@@ -180,15 +180,32 @@ def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, 
     return min(best, 1.0)
 
 
-def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Image.Image]],
-                   copies: tuple[np.ndarray, np.ndarray, Callable[[int], Image.Image]] | None,
+def _verify_chunk(items: list[tuple[Any, Any, int]]) -> list[float]:
+    """:func:`crop_ncc` of (copy payload, original payload, box index) items, decoded here (in a
+    worker process); -1.0 when either no longer decodes."""
+    from dvtrain.data.curate.pool import open_payload
+
+    scores = []
+    for copy_payload, original_payload, b in items:
+        try:
+            scores.append(crop_ncc(open_payload(copy_payload)[0], open_payload(original_payload)[0],
+                                   BOXES[b]))
+        except Exception:  # noqa: BLE001 - changed on disk since the quality stage: no match
+            scores.append(-1.0)
+    return scores
+
+
+def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Any]],
+                   copies: tuple[np.ndarray, np.ndarray, Callable[[int], Any]] | None,
                    min_cos: float, ncc: float, per_image: int = 3, nprobe: int = 16,
-                   on_progress: Callable[[int, int], None] | None = None
+                   workers: int = 1, on_progress: Callable[[int, int], None] | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Verified cropped copies (:func:`crop_candidates`, then :func:`crop_ncc` per candidate).
+    """Verified cropped copies (:func:`crop_candidates`, then :func:`crop_ncc` per candidate in
+    ``workers`` processes, :func:`dvtrain.data.shards.map_in_workers`).
 
     Args:
-        originals: (desc [N_pool, B, T], rows [N], open_image: row -> decoded image).
+        originals: (desc [N_pool, B, T], rows [N], payload: row -> what
+            :func:`.pool.open_payload` decodes; picklable when ``workers`` > 1).
         copies: the same for the possible copies; None = the originals themselves.
         min_cos: candidate thumbnail cosine. ncc: verification threshold (normalised
             cross-correlation, e.g. 0.995).
@@ -198,24 +215,17 @@ def cropped_copies(originals: tuple[np.ndarray, np.ndarray, Callable[[int], Imag
         ([P, 2] int64 (original position, copy position), [P] float32 scores); positions index
         the ``rows`` of ``originals`` and ``copies``.
     """
+    from dvtrain.data import shards
+
     cand = crop_candidates(originals[:2], None if copies is None else copies[:2], min_cos,
                            per_image, nprobe)
-    caches: tuple[dict[int, Image.Image], dict[int, Image.Image]] = ({}, {})
-
-    def image(which: int, pos: int) -> Image.Image:
-        _, rows, open_image = originals if which == 0 or copies is None else copies
-        cache = caches[0 if copies is None else which]
-        if pos not in cache:
-            if len(cache) > 4096:
-                cache.clear()
-            cache[pos] = open_image(int(rows[pos]))
-        return cache[pos]
-
+    o_rows, o_payload = originals[1], originals[2]
+    c_rows, c_payload = (originals if copies is None else copies)[1:]
+    items = [(c_payload(int(c_rows[c])), o_payload(int(o_rows[o])), b) for o, c, b in cand.tolist()]
     pairs, scores = [], []
-    for k, (o, c, b) in enumerate(cand.tolist()):
-        s = crop_ncc(image(1, c), image(0, o), BOXES[b])
+    for k, s in enumerate(shards.map_in_workers(_verify_chunk, items, workers)):
         if s >= ncc - 1e-6:
-            pairs.append((o, c))
+            pairs.append(tuple(cand[k, :2].tolist()))
             scores.append(s)
         if on_progress and (k + 1) % 256 == 0:
             on_progress(k + 1, len(cand))

@@ -62,7 +62,7 @@ from dvtrain.data.curate import cluster as cl
 from dvtrain.data.curate import crops, dedup
 from dvtrain.data.curate.embed import (Embedder, check_model, create_embeddings_file, embed_rows,
                                        make_embedder, write_embeddings)
-from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool, open_payload
+from dvtrain.data.curate.pool import Pool, encoded_bytes, list_pool
 from dvtrain.data.curate.quality import QualityThresholds, quality_reason, scan_images
 
 __all__ = ["CurateOptions", "CurateResult", "curate", "STAGES"]
@@ -475,8 +475,8 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
         gone: set[int] = set()
         with _bar(o.progress) as bar:
             job = bar.add_task("near duplicates", total=2 if against else 1, skipped=0)
-            pool_desc = ((np.load(work.path / "crops.npy", mmap_mode="r"),
-                          lambda row: open_payload(pool.payload(row))[0]) if with_crops else None)
+            pool_desc = ((np.load(work.path / "crops.npy", mmap_mode="r"), pool.payload)
+                         if with_crops else None)
             crop_text = f"crop or rescaled copy, normalised cross-correlation >= {o.crop_ncc}"
             crop_jobs: dict[str, Any] = {}
 
@@ -493,9 +493,9 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
                 if pool_desc is not None:  # pool images that are a crop / rescale of an eval image
                     a_rows = np.arange(len(a_ok))
                     cropped, _ = crops.cropped_copies(
-                        (a_desc, a_rows, lambda row: open_payload(against.payload(a_ok[row]))[0]),
+                        (a_desc, a_rows, lambda row: against.payload(a_ok[row])),
                         (pool_desc[0], alive, pool_desc[1]), o.crop_cos, o.crop_ncc, nprobe=o.nprobe,
-                        on_progress=crop_progress("against crops"))
+                        workers=o.workers, on_progress=crop_progress("against crops"))
                     for e_i, i in cropped.tolist():
                         hits.setdefault(i, (e_i, f"duplicates an evaluation image ({crop_text})"))
                 for i, (e_i, why) in sorted(hits.items()):
@@ -508,6 +508,7 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
             if pool_desc is not None:
                 cropped, _ = crops.cropped_copies((pool_desc[0], alive[rest], pool_desc[1]), None,
                                                   o.crop_cos, o.crop_ncc, nprobe=o.nprobe,
+                                                  workers=o.workers,
                                                   on_progress=crop_progress("cropped copies"))
                 extra.append((crop_text, cropped))
             dups = dedup.near_duplicates(codes[rest], emb[rest] if len(rest) < len(emb) else emb,
