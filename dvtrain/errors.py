@@ -8,7 +8,8 @@ traceback. A warning (:func:`warn`) is one line on stderr and changes no exit st
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import threading
+from typing import Any, Callable, NoReturn
 
 import typer
 from rich.console import Console
@@ -44,10 +45,20 @@ def user_errors(fn: Callable) -> Callable:
             report(exc)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # Ctrl-C: stopped, not failed (the exit status of a SIGINT)
-            err_console.print("stopped (Ctrl-C)")
-            raise typer.Exit(130) from None
+            stopped("stopped (Ctrl-C)")
 
     return wrapper
+
+
+def stopped(message: str) -> NoReturn:
+    """End a command stopped by Ctrl-C: print ``message``, ignore further Ctrl-C while the process
+    winds down (an impatient second one must not turn the exit into a kill), exit status 130."""
+    import signal
+
+    err_console.print(message)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise typer.Exit(130)
 
 
 def run_user_command(fn: Callable[[], Any]) -> Any:

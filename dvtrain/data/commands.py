@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from dvtrain.errors import user_errors
+from dvtrain.errors import stopped, user_errors
 
 __all__ = ["app"]
 
@@ -189,8 +189,8 @@ def curate(
 
     Example: dvtrain data curate /data/crawl /data/mds/curated --target-size 1000000 --model runs/vits14 --against /data/mds/val --workers 8
 
-    Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) the ranks split the embedding; the
-    work directory must be on a filesystem every rank sees.
+    Under torchrun or the deepspeed launcher (WORLD_SIZE > 1) the ranks split the embedding; the work directory must be on a filesystem every rank sees.
+
     Example: torchrun --nproc_per_node 8 -m dvtrain data curate /data/crawl /data/mds/curated --model runs/vits14
     """
     from dvtrain.data.curate import CurateOptions, curate as run_curate
@@ -213,13 +213,15 @@ def curate(
         stages.append(stage)
         console.print(f"[bold]stage {stage}[/bold]")
 
+    def on_resume(stage: str) -> None:
+        console.print(f"stage {stage}: finished in an earlier run, resumed")
+
     try:
-        res = run_curate(src, out, opts, on_stage=on_stage)
+        res = run_curate(src, out, opts, on_stage=on_stage, on_resume=on_resume)
     except KeyboardInterrupt:
         work = work_dir or default_work_dir(out)
-        console.print(f"stopped (Ctrl-C) in stage {stages[-1] if stages else 'start-up'}; the stages that "
-                      f"finished are kept in {work}: run the same command again to continue after them")
-        raise typer.Exit(130) from None
+        stopped(f"stopped (Ctrl-C) in stage {stages[-1] if stages else 'start-up'}; the stages that "
+                f"finished are kept in {work}: run the same command again to continue after them")
     if res is None:  # a rank > 0 of a multi-process curation: rank 0 reports
         return
     c = res.report["counts"]

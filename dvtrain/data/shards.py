@@ -32,6 +32,7 @@ format); this module replaces that with streaming's MDS format.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import json
 import os
@@ -426,13 +427,8 @@ def map_in_workers(fn: Callable[..., list[Any]], items: Sequence[Any], workers: 
     try:
         # The first submits start the workers. An ignored SIGINT survives the exec of spawn, and
         # Python keeps it ignored, so a Ctrl-C while a worker still imports prints no traceback.
-        main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-        try:
+        with _sigint_ignored():
             pending = deque(pool.submit(fn, c, *args) for c in islice(chunks, 4 * workers))
-        finally:
-            if main:
-                signal.signal(signal.SIGINT, previous)
         while pending:
             results = pending.popleft().result()
             nxt = next(chunks, None)
@@ -440,7 +436,22 @@ def map_in_workers(fn: Callable[..., list[Any]], items: Sequence[Any], workers: 
                 pending.append(pool.submit(fn, nxt, *args))
             yield from results
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        # a second Ctrl-C must not interrupt the shutdown: a half shut down pool blocks the exit
+        with _sigint_ignored():
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (main thread only; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 # ----------------------------------------------------------------------------------------------

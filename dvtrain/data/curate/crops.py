@@ -8,7 +8,7 @@ module does it in two steps, both by pixel content:
 1. **Candidates (Faiss).** Every image gets :data:`BOXES` grayscale thumbnails (16 x 16, mean
    removed, L2-normalised; the first is the whole image, the raw-pixel embedding of
    :mod:`.embed`; the others are sub-windows covering 95 % and 90 % of each side at 3 x 3
-   positions). A crop of image O looks like one of O's sub-windows, so each sub-window is
+   positions, and of one side only at either end). A crop of image O looks like one of O's sub-windows, so each sub-window is
    searched against the whole-image thumbnails of the pool; the ``per_image`` best matches with
    cosine >= ``min_cos`` become candidate pairs (O, C, box).
 2. **Verification (registration).** C is resized to every box size near the matched one and slid
@@ -18,8 +18,8 @@ module does it in two steps, both by pixel content:
    (``benchmarks/curate_dedup.py``).
 
 This stands in for the copy-detection embedding (SSCD) the DINOv2 paper (section 3) deduplicates
-with, which dvtrain does not ship. Storage: ``len(BOXES) x 256`` fp16 per image (9.7 KB) in the
-work directory.
+with, which dvtrain does not ship. Storage: ``len(BOXES) x 256`` fp16 per image (27 boxes, 13.8 KB)
+in the work directory.
 
 Shape legend: N images, B boxes (``len(BOXES)``), T = 256 thumbnail values.
 """
@@ -35,9 +35,12 @@ __all__ = ["BOXES", "THUMB_SIDE", "crop_candidates", "crop_descriptors", "crop_n
            "thumbnail"]
 
 THUMB_SIDE = 16
-# (side fraction, horizontal position, vertical position); positions 0 = left/top, 1 = right/bottom
-BOXES: tuple[tuple[float, float, float], ...] = ((1.0, 0.5, 0.5),) + tuple(
-    (f, px, py) for f in (0.95, 0.9) for py in (0.0, 0.5, 1.0) for px in (0.0, 0.5, 1.0))
+# (width fraction, height fraction, horizontal position, vertical position); positions 0 = left /
+# top, 1 = right / bottom: the whole image, crops of every side at 3 x 3 positions, crops of one side
+BOXES: tuple[tuple[float, float, float, float], ...] = ((1.0, 1.0, 0.5, 0.5),) + tuple(
+    (f, f, px, py) for f in (0.95, 0.9) for py in (0.0, 0.5, 1.0) for px in (0.0, 0.5, 1.0)) + tuple(
+    box for f in (0.95, 0.9) for box in ((f, 1.0, 0.0, 0.5), (f, 1.0, 1.0, 0.5), (1.0, f, 0.5, 0.0),
+                                          (1.0, f, 0.5, 1.0)))
 _BOX_SLACK = 0.06  # verification tries box widths within +-6 % of the matched box's
 _MIN_KEPT = 0.8  # and box heights of at least 80 % of the original's
 
@@ -53,9 +56,9 @@ def thumbnail(im: Image.Image) -> np.ndarray:
     return v / max(float(np.linalg.norm(v)), 1e-6)
 
 
-def _box(w: int, h: int, box: tuple[float, float, float]) -> tuple[int, int, int, int]:
-    f, px, py = box
-    bw, bh = w * f, h * f
+def _box(w: int, h: int, box: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+    fw, fh, px, py = box
+    bw, bh = w * fw, h * fh
     left, top = (w - bw) * px, (h - bh) * py
     return round(left), round(top), round(left + bw), round(top + bh)
 
@@ -125,7 +128,7 @@ def _gray(im: Image.Image, scale: float) -> np.ndarray:
     return np.asarray(im.convert("L"), np.float32)
 
 
-def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, float],
+def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, float, float],
              side: int = 64) -> float:
     """How well ``copy`` matches a crop of ``original``: the maximum normalised cross-correlation.
 
@@ -148,7 +151,7 @@ def crop_ncc(copy: Image.Image, original: Image.Image, box: tuple[float, float, 
     s2 = np.pad((o * o).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
     copy = copy.convert("L")
     wc, hc = copy.size
-    f = box[0]
+    f = box[0]  # width fraction; the height follows from the copy's aspect ratio
     lo, hi = int(np.floor((f - _BOX_SLACK) * wo)), min(wo, int(np.ceil((f + _BOX_SLACK) * wo)))
     sizes, padded, norms = [], [], []
     for bw in range(max(lo, 2), hi + 1):

@@ -298,7 +298,8 @@ def _serve_embed_jobs(ranks: _Ranks) -> None:
 
 
 def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOptions | None = None,
-           on_stage: Callable[[str], None] | None = None) -> CurateResult | None:
+           on_stage: Callable[[str], None] | None = None,
+           on_resume: Callable[[str], None] | None = None) -> CurateResult | None:
     """Curate an image pool into MDS shards (see the module docstring for the stages).
 
     Args:
@@ -306,6 +307,7 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
         out: output directory or object-store URL (as for ``dvtrain data convert``).
         options: :class:`CurateOptions`.
         on_stage: called with a stage's name just before it runs (not when it is resumed).
+        on_resume: called with a stage's name when its result is taken from the work directory.
 
     Several processes: launched with ``WORLD_SIZE`` > 1 (torchrun, the ``deepspeed`` launcher;
     ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` set), every rank calls this with the
@@ -323,14 +325,14 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
     """
     o = options or CurateOptions()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return _curate(str(src), str(out), o, on_stage, None)
+        return _curate(str(src), str(out), o, on_stage, on_resume, None)
     ranks = _Ranks()
     try:
         if ranks.rank != 0:
             _serve_embed_jobs(ranks)
             return None
         try:
-            return _curate(str(src), str(out), o, on_stage, ranks)
+            return _curate(str(src), str(out), o, on_stage, on_resume, ranks)
         finally:
             # success or error: release the other ranks (they exit 0; rank 0 reports an error).
             # A failure inside the embed exchange is left to the launcher, which stops them all.
@@ -341,6 +343,7 @@ def curate(src: str | os.PathLike, out: str | os.PathLike, options: CurateOption
 
 
 def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None] | None,
+            on_resume: Callable[[str], None] | None,
             ranks: _Ranks | None) -> CurateResult:
     """:func:`curate` on rank 0 (or in the only process): every stage; ``ranks`` splits the
     embed stage over the launched processes."""
@@ -368,6 +371,8 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
         fp = _fingerprint(fp, stage, values)
         if work.done(stage, fp):
             resumed.append(stage)
+            if on_resume:
+                on_resume(stage)
             res = work.load(stage)
         else:
             if on_stage:

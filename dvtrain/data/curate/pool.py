@@ -71,6 +71,10 @@ def list_pool(src: str | os.PathLike, what: str = "source") -> Pool:
     Returns:
         Pool with N >= 1 items.
 
+    A folder whose images are all inside subfolders is labelled by subfolder name (as ``dvtrain
+    data convert`` does); a folder with images both at its top level and in subfolders is curated
+    whole, without labels, with a warning.
+
     Raises:
         ValueError: ``src`` missing, unreadable, of an unknown kind, or empty.
     """
@@ -107,6 +111,14 @@ def list_pool(src: str | os.PathLike, what: str = "source") -> Pool:
             raise ValueError(f"{what} {path}: directory {unreadable[0]} is not readable "
                              f"(permission denied); its images would be silently missing")
     source = shards.build_source(path, "auto", None)
+    outside = [r for r in source.pre_skipped if r["reason"].startswith("not inside a class folder")]
+    if outside:  # a raw dump is rarely tidy: curate every image, labels only when all are in folders
+        from dvtrain.errors import warn
+
+        source = shards.build_source(path, "none", None)
+        warn(f"{what} {path} has {len(outside)} image(s) at its top level (e.g. {outside[0]['path']}) "
+             f"beside subfolders: all {len(source.tasks)} images are curated, without class labels "
+             f"(labels come from the subfolder names only when every image is inside one)")
     tasks = source.tasks
     if not tasks:
         raise ValueError(f"{what} {path}: found no images (extensions "
