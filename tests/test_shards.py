@@ -285,3 +285,31 @@ def test_manifest_is_json_and_has_no_timestamps(tmp_path):
     m = json.loads(text)
     assert set(m) >= {"num_samples", "label_names", "label_counts", "skipped", "source"}
     assert "time" not in text and "date" not in text
+
+
+class _CtrlCWhileWorkersStart(list):
+    """Items whose first chunk, taken while map_in_workers starts its workers, sends this process
+    a SIGINT, as a Ctrl-C at that moment would."""
+
+    def __getitem__(self, k):
+        if isinstance(k, slice) and k.start == 0:
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().__getitem__(k)
+
+
+def test_map_in_workers_keeps_order_and_does_not_lose_a_ctrl_c_while_workers_start():
+    from dvtrain.data.curate.quality import _scan_chunk
+    from dvtrain.data.shards import map_in_workers
+
+    rng = np.random.default_rng(0)
+    payloads = [("array", rng.integers(0, 256, (8 + i % 5, 9), dtype=np.uint8)) for i in range(40)]
+    one = [r["width"] * 100 + r["height"] for r in map_in_workers(_scan_chunk, payloads, 1, chunk_size=7)]
+    two = [r["width"] * 100 + r["height"] for r in map_in_workers(_scan_chunk, payloads, 2, chunk_size=7)]
+    assert one == two == [9 * 100 + 8 + i % 5 for i in range(40)]
+    # the SIGINT arrives while SIGINT is held back for starting the workers: it must not be lost
+    with pytest.raises(KeyboardInterrupt):
+        for _ in map_in_workers(_scan_chunk, _CtrlCWhileWorkersStart(payloads), 2, chunk_size=7):
+            pass

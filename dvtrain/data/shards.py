@@ -425,9 +425,10 @@ def map_in_workers(fn: Callable[..., list[Any]], items: Sequence[Any], workers: 
         return
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_ignore_sigint)
     try:
-        # The first submits start the workers. An ignored SIGINT survives the exec of spawn, and
-        # Python keeps it ignored, so a Ctrl-C while a worker still imports prints no traceback.
-        with _sigint_ignored():
+        # The first submits start the workers: with SIGINT blocked, a Ctrl-C meanwhile waits and
+        # arrives right after, and the workers start with it blocked, so none prints a traceback
+        # while it still imports.
+        with _sigint_deferred():
             pending = deque(pool.submit(fn, c, *args) for c in islice(chunks, 4 * workers))
         while pending:
             results = pending.popleft().result()
@@ -439,6 +440,21 @@ def map_in_workers(fn: Callable[..., list[Any]], items: Sequence[Any], workers: 
         # a second Ctrl-C must not interrupt the shutdown: a half shut down pool blocks the exit
         with _sigint_ignored():
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """SIGINT blocked in this thread inside the block: a Ctrl-C is held pending and delivered when
+    the block ends (never lost); processes started inside inherit the blocked signal (main thread
+    only; elsewhere, and where ``pthread_sigmask`` is missing, nothing changes)."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
