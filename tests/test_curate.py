@@ -350,8 +350,11 @@ def test_ctrl_c_stops_with_130_and_the_relaunch_resumes(planted, tmp_path):
            "--against", str(pool.against), "--min-side", "24", "--min-sharpness", "40",
            "--workers", "2", "--no-progress"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1")
+    # as from a terminal: SIGINT at its default even when this test runs where it is ignored (a
+    # background job of a non-interactive shell, e.g. `make test &`, starts with SIGINT ignored)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            cwd=REPO, start_new_session=True)
+                            cwd=REPO, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     for line in proc.stdout:
         lines.append(line)

@@ -310,6 +310,14 @@ def test_map_in_workers_keeps_order_and_does_not_lose_a_ctrl_c_while_workers_sta
     two = [r["width"] * 100 + r["height"] for r in map_in_workers(_scan_chunk, payloads, 2, chunk_size=7)]
     assert one == two == [9 * 100 + 8 + i % 5 for i in range(40)]
     # the SIGINT arrives while SIGINT is held back for starting the workers: it must not be lost
-    with pytest.raises(KeyboardInterrupt):
-        for _ in map_in_workers(_scan_chunk, _CtrlCWhileWorkersStart(payloads), 2, chunk_size=7):
-            pass
+    # (Python's own handler installed for the test: where pytest runs as a background job of a
+    # non-interactive shell, SIGINT starts ignored)
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            for _ in map_in_workers(_scan_chunk, _CtrlCWhileWorkersStart(payloads), 2, chunk_size=7):
+                pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
