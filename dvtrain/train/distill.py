@@ -34,7 +34,6 @@ from dvtrain.losses.koleo import KoLeoLoss
 from dvtrain.models.heads import DINOHead
 from dvtrain.models.vit import DinoVisionTransformer, build_backbone
 from dvtrain.train.meta_arch import MetaArchConfig, SSLMetaArch
-from dvtrain.train.param_groups import build_param_groups
 
 __all__ = [
     "DistillMetaArch",
@@ -123,13 +122,10 @@ class FeatureDistillMetaArch(nn.Module):
         self.frozen_teacher.eval()
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """Student parameters with ``requires_grad``."""
-        return [p for p in self.student.parameters() if p.requires_grad]
-
-    def param_groups(self, lr_decay_rate: float = 1.0, patch_embed_lr_mult: float = 1.0) -> list[dict[str, Any]]:
-        """Student groups (projections count as heads: lr multiplier 1); see ``build_param_groups``."""
-        return build_param_groups(self.student, lr_decay_rate, patch_embed_lr_mult, split_backbone=True)
+    # the optimizer's view of the student is SSLMetaArch's (one rule): trainable student
+    # parameters, and its fused groups, where the projections count as heads (lr multiplier 1)
+    trainable_parameters = SSLMetaArch.trainable_parameters
+    param_groups = SSLMetaArch.param_groups
 
     def apply_center_update(self) -> None:
         """No centers in this objective (kept for the trainer's step protocol)."""
