@@ -117,6 +117,24 @@ def test_bad_teacher_is_reported_before_the_engine(tmp_path, teacher_run):
         check_init_from(tiny_recipe(distill={"teacher": str(tmp_path / "list.pth"), "objective": "heads"}))
 
 
+def test_a_flatter_teacher_temperature_than_the_teacher_run_is_warned(teacher_run):
+    from dvtrain.train.distill import teacher_temperature_advice
+
+    t_temp = tiny_recipe().teacher.temp  # what the teacher run trained with
+    same = tiny_recipe(model=STUDENT, distill={"teacher": str(teacher_run)})
+    assert teacher_temperature_advice(same) is None
+    sharper = tiny_recipe(model=STUDENT, teacher={"temp": t_temp / 2, "temp_warmup_start": t_temp / 2},
+                          distill={"teacher": str(teacher_run)})
+    assert teacher_temperature_advice(sharper) is None
+    flatter = tiny_recipe(model=STUDENT, teacher={"temp": t_temp * 2, "temp_warmup_start": t_temp * 2},
+                          distill={"teacher": str(teacher_run)})
+    assert teacher_temperature_advice(flatter) == (
+        f"teacher.temp={t_temp * 2:g} is above the {t_temp:g} the distillation teacher ({teacher_run}) trained its "
+        f"heads with: its targets will be flatter than it learned to produce, and near-uniform targets carry little "
+        f"to distil; set teacher.temp={t_temp:g} (and teacher.temp_warmup_start)")
+    assert teacher_temperature_advice(tiny_recipe()) is None  # no distillation
+
+
 def test_recipe_rules():
     from dvtrain.recipe import RecipeError
 

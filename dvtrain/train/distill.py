@@ -40,6 +40,7 @@ __all__ = [
     "FeatureDistillMetaArch",
     "build_distill_meta_arch",
     "check_distill_teacher",
+    "teacher_temperature_advice",
     "distill_objective",
     "FEATURE_LOSS_KEYS",
 ]
@@ -239,6 +240,26 @@ def check_distill_teacher(recipe: Any) -> None:
                         f"size {kw['patch_size']}")
     if problems:
         raise ValueError(f"distill.teacher={path} ({obj} objective): " + "; ".join(problems))
+
+
+def teacher_temperature_advice(recipe: Any) -> str | None:
+    """A warning when the heads objective would read the frozen teacher at a flatter temperature than its run
+    trained with (``teacher.temp`` of the student recipe above the teacher run's); otherwise None.
+
+    Why: the targets are softmax(head output / ``teacher.temp``). The demo's heads trained at 0.02 give
+    2.5-nat targets at 0.02 but 5.6 nats at 0.04 (ln 1024 = 6.9 is uniform), and near-uniform targets
+    carry little to distil: students distilled from the 0.04-trained demo only matched their teacher
+    (README, "Measured on the bundled data"). Call after :func:`check_distill_teacher` passed.
+    """
+    if not recipe.distill.teacher or distill_objective(recipe) != "heads":
+        return None
+    t = _teacher_recipe(recipe.distill.teacher).teacher
+    if recipe.teacher.temp <= t.temp:
+        return None
+    return (f"teacher.temp={recipe.teacher.temp:g} is above the {t.temp:g} the distillation teacher "
+            f"({recipe.distill.teacher}) trained its heads with: its targets will be flatter than it learned to "
+            f"produce, and near-uniform targets carry little to distil; set teacher.temp={t.temp:g} "
+            f"(and teacher.temp_warmup_start)")
 
 
 def build_distill_meta_arch(recipe: Any) -> nn.Module:
