@@ -58,6 +58,11 @@ def validate(
     from dvtrain.models.init_from import check_init_from
 
     check_init_from(r)
+    from dvtrain.train.distill import teacher_temperature_advice
+
+    advice = teacher_temperature_advice(r)  # the warning `dvtrain launch` gives
+    if advice:
+        warn(advice)
     out_console.print(
         f"ok {recipe}: {r.model.arch}/{r.model.patch_size} (ffn={r.model.ffn_layer}, "
         f"registers={r.model.num_register_tokens}), {r.precision} ZeRO-{r.zero.stage}, "

@@ -203,12 +203,11 @@ def preflight(recipe: Recipe, run_dir: Path, resume: bool, world_size: int) -> b
         from dvtrain.train.distill import check_distill_teacher
 
         check_distill_teacher(recipe)
-    if recipe.distill.teacher:
-        from dvtrain.train.distill import teacher_temperature_advice
+    from dvtrain.train.distill import teacher_temperature_advice
 
-        advice = teacher_temperature_advice(recipe)
-        if advice:
-            warn(advice)
+    advice = teacher_temperature_advice(recipe)  # None without distillation
+    if advice:
+        warn(advice)
     return resuming
 
 

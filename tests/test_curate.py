@@ -76,6 +76,19 @@ def test_planted_copies_are_found(planted, kind):
         assert all(removed[c]["reason"] == "identical file bytes" for c, _ in pairs)
     if kind == "lossless":
         assert all(removed[c]["reason"] == "identical decoded pixels" for c, _ in pairs)
+    if kind == "jpeg":  # same size: the lossless original stays, though JPEG blocks measure sharper
+        assert [_kept(removed, c) for c, _ in pairs] == [o for _, o in pairs]
+
+
+def test_keep_order_by_hand():
+    """Largest first; at equal size a lossless file before a JPEG, then the sharpest, then the first."""
+    from dvtrain.data.curate.dedup import keep_order
+
+    area = np.array([100, 400, 400, 400, 400])
+    sharp = np.array([90.0, 10.0, 50.0, 80.0, 50.0])
+    lossy = np.array([False, False, False, True, False])
+    assert keep_order(area, sharp, lossy).tolist() == [4, 2, 0, 3, 1]
+    assert keep_order(area, sharp).tolist() == [4, 3, 1, 0, 2]  # no format known: the JPEG wins on sharpness
 
 
 def test_cropped_copies_are_found(planted):
@@ -254,9 +267,11 @@ def test_folder_with_top_level_images_and_subfolders_is_curated_whole(tmp_path, 
     (mixed / "sub").mkdir(parents=True)
     for i, a in enumerate(images):
         upscale(a).save(mixed / ("sub" if i >= 5 else ".") / f"im{i}.png")
+    (mixed / "sub" / "im5.json").write_text("{}")  # a sidecar: counted, not read
     opts = dict(POOL_OPTS, phash_radius=-1, near_cos=None, crop_ncc=None)
     res = curate(mixed, tmp_path / "o1", CurateOptions(**opts))
     assert res.report["counts"]["source"] == res.report["counts"]["selected"] == 8
+    assert res.report["other_files"] == {".json": 1}
     assert {s["label"] for s in _mds(tmp_path / "o1")} == {-1}
     err = capsys.readouterr().err
     assert "has 5 image(s) at its top level" in err and "all 8 images are curated" in err

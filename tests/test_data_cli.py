@@ -30,6 +30,12 @@ def photo_folder(root: Path) -> None:
             photo.crop((150 * k, 0, 150 * k + 320, 320)).save(root / cls / f"crop{k}.jpg")
     data = (images / "china.jpg").read_bytes()
     (root / "city" / "broken.jpg").write_bytes(data[: len(data) // 3])
+    # what a real dump holds beside its images: counted by extension, never read; hidden files not counted
+    (root / "city" / "captions.txt").write_text("a city\n")
+    (root / "nature" / "meta.json").write_text("{}")
+    (root / "nature" / "meta2.JSON").write_text("{}")
+    (root / "README").write_text("photos\n")
+    (root / "nature" / ".DS_Store").write_bytes(b"\0")
 
 
 def test_convert_and_inspect_photo_folder(tmp_path):
@@ -42,6 +48,9 @@ def test_convert_and_inspect_photo_folder(tmp_path):
     assert "skipped 1 file(s)" in res.output and "city/broken.jpg" in res.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["label_names"] == ["city", "nature"] and manifest["num_resized"] == 6
+    assert manifest["other_files"] == {"(none)": 1, ".json": 2, ".txt": 1}
+    assert "ignored 4 file(s) that are not images by their extension: (none) 1, .json 2, .txt 1" \
+        in " ".join(res.output.split())
 
     png = tmp_path / "sheet.png"
     res = runner.invoke(app, ["inspect", str(out), "--png", str(png), "--samples", "6",

@@ -135,6 +135,24 @@ def test_a_flatter_teacher_temperature_than_the_teacher_run_is_warned(teacher_ru
     assert teacher_temperature_advice(tiny_recipe()) is None  # no distillation
 
 
+def test_validate_gives_the_flat_teacher_warning_launch_gives(teacher_run, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from dvtrain.cli import app
+
+    t_temp = tiny_recipe().teacher.temp
+    flatter = tiny_recipe(model=STUDENT, teacher={"temp": t_temp * 2, "temp_warmup_start": t_temp * 2},
+                          distill={"teacher": str(teacher_run)})
+    path = tmp_path / "student.yaml"
+    path.write_text(yaml.safe_dump(flatter.model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["validate", str(path)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert f"teacher.temp={t_temp * 2:g} is above the {t_temp:g} the distillation teacher" in text
+    assert text.count("ok ") == 1
+
+
 def test_recipe_rules():
     from dvtrain.recipe import RecipeError
 

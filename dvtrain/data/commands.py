@@ -78,6 +78,17 @@ def convert(
             console.print(f"  {s['path']}: {s['reason']}", markup=False, highlight=False)
         if m["num_skipped"] > 50:
             console.print(f"  ... and {m['num_skipped'] - 50} more (see manifest.json)")
+    _print_other_files(m["other_files"])
+
+
+def _print_other_files(other: dict[str, int]) -> None:
+    """One console line for the files of a folder SRC that are not images by their extension."""
+    from dvtrain.data.shards import IMAGE_EXTENSIONS
+
+    if other:
+        console.print(f"[yellow]ignored {sum(other.values())} file(s) that are not images by their "
+                      f"extension: {', '.join(f'{k} {v}' for k, v in other.items())} (images: "
+                      f"{', '.join(IMAGE_EXTENSIONS)})[/yellow]", highlight=False)
 
 
 @app.command()
@@ -230,5 +241,6 @@ def curate(
     console.print(f"source {c['source']} -> quality {c['after_quality']} -> exact "
                   f"{c['after_exact']} -> near {c['after_near']} -> sampled {c['after_sampling']}"
                   + (f" (+ retrieved {c['retrieved']})" if c["retrieved"] is not None else ""))
+    _print_other_files(res.report["other_files"])
     console.print(f"wrote {c['selected']} samples to {res.out} (curation_report.json, "
                   f"curation_report.png)")

@@ -44,7 +44,7 @@ import threading
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -185,20 +185,29 @@ class ImageSource:
     tasks: list[_Task]
     label_names: list[str] | None
     pre_skipped: list[dict[str, str]]  # found but rejected before decoding (reason given)
+    # files of a folder source that are not images by their extension, never read: {".txt": 3}
+    other_files: dict[str, int] = field(default_factory=dict)
 
 
 def _has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_images(root: Path) -> list[Path]:
-    """All image files under root, sorted by relative POSIX path; hidden entries skipped."""
+def _walk_images(root: Path, others: Counter[str] | None = None) -> list[Path]:
+    """All image files under root, sorted by relative POSIX path; hidden entries skipped.
+
+    ``others``, when given, counts the other (non-hidden) files by lower-case extension
+    (``"(none)"`` without one)."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
-            if not fn.startswith(".") and _has_image_suffix(fn):
+            if fn.startswith("."):
+                continue
+            if _has_image_suffix(fn):
                 found.append(Path(dirpath) / fn)
+            elif others is not None:
+                others[Path(fn).suffix.lower() or "(none)"] += 1
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -209,13 +218,14 @@ def _folder_source(src: Path, labels: str) -> ImageSource:
     tasks: list[_Task] = []
     pre_skipped: list[dict[str, str]] = []
     label_names: list[str] | None = None
+    others: Counter[str] = Counter()
     if labels == "from-folders":
         if not subdirs:
             raise ValueError(f"{src} has no class subfolders; --labels from-folders needs "
                              f"SRC/<class>/<images>. Use --labels none for an unlabelled folder.")
         label_names = subdirs
         class_of = {name: i for i, name in enumerate(subdirs)}
-        for path in _walk_images(src):
+        for path in _walk_images(src, others):
             rel = path.relative_to(src).as_posix()
             top = rel.split("/", 1)[0]
             if "/" not in rel:
@@ -224,10 +234,10 @@ def _folder_source(src: Path, labels: str) -> ImageSource:
                 continue
             tasks.append(_Task(key=rel, label=class_of[top], path=str(path)))
     else:
-        for path in _walk_images(src):
+        for path in _walk_images(src, others):
             tasks.append(_Task(key=path.relative_to(src).as_posix(), label=-1, path=str(path)))
     desc = {"kind": "folder", "path": str(src), "labels": labels}
-    return ImageSource("folder", desc, tasks, label_names, pre_skipped)
+    return ImageSource("folder", desc, tasks, label_names, pre_skipped, dict(sorted(others.items())))
 
 
 def _parse_list_line(line: str) -> tuple[str, int | None]:
@@ -701,6 +711,7 @@ def build_manifest(source: ImageSource, tasks: Sequence[_Task], num_samples: int
         "num_samples": num_samples,
         "num_source_entries": len(tasks) + len(source.pre_skipped),
         "num_skipped": len(skipped),
+        "other_files": source.other_files,
         "num_resized": num_resized,
         "num_scaled_from_16bit": num_16bit,
         "num_exif_transposed": num_exif,

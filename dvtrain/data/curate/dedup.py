@@ -11,8 +11,9 @@ their embeddings alone reaches ``cos_threshold`` (Faiss inner-product range sear
 L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, above it an inverted file
 (``IndexIVFScalarQuantizer`` with fp16 codes, 2 sqrt(N) lists, ``nprobe`` visited per query)). The
 pairs, with the cropped copies of :mod:`.crops`, form a graph; from each connected group one image
-stays (the largest, then the sharpest, then the first), the others are removed as ``duplicate_of``
-it. ``--against``: a pool image within the same radius / threshold of any image of the evaluation
+stays (the largest, then a lossless file before a JPEG, then the sharpest, then the first; JPEG
+block artefacts raise the sharpness score, so sharpness alone would keep a re-encode over its
+original), the others are removed as ``duplicate_of`` it. ``--against``: a pool image within the same radius / threshold of any image of the evaluation
 set, or a verified crop / rescale of one (:mod:`.crops`), is removed.
 
 Reference: DINOv2 paper section 3 ("Deduplication": copy detection with SSCD embeddings and
@@ -184,9 +185,11 @@ def connected_groups(n: int, pairs: np.ndarray) -> np.ndarray:
     return np.array([find(i) for i in range(n)], dtype=np.int64)
 
 
-def keep_order(area: np.ndarray, sharp: np.ndarray) -> np.ndarray:
-    """[N] rank: lower = preferred to keep (largest area, then sharpest, then first)."""
-    order = np.lexsort((np.arange(len(area)), -sharp, -area))
+def keep_order(area: np.ndarray, sharp: np.ndarray, lossy: np.ndarray | None = None) -> np.ndarray:
+    """[N] rank: lower = preferred to keep (largest area, then lossless before lossy, then
+    sharpest, then first). ``lossy``: [N] bool, True for a JPEG file (None: all lossless)."""
+    lossy = np.zeros(len(area), bool) if lossy is None else np.asarray(lossy, bool)
+    order = np.lexsort((np.arange(len(area)), -sharp, lossy, -area))
     rank = np.empty(len(area), np.int64)
     rank[order] = np.arange(len(area))
     return rank
@@ -212,12 +215,14 @@ def _verified(pairs: np.ndarray, a_emb, b_emb, verify_cos: float | None) -> np.n
 def near_duplicates(codes: np.ndarray, emb: np.ndarray | None, area: np.ndarray,
                     sharp: np.ndarray, radius: int, cos_threshold: float | None,
                     verify_cos: float | None = None, nprobe: int = 8,
-                    extra: Sequence[tuple[str, np.ndarray]] = ()) -> list[tuple[int, int, str]]:
+                    extra: Sequence[tuple[str, np.ndarray]] = (),
+                    lossy: np.ndarray | None = None) -> list[tuple[int, int, str]]:
     """Near duplicates within a pool (see the module docstring for the rule).
 
     Args:
         codes: [N, 8] uint8 perceptual hashes. emb: [N, D] L2-normalised embeddings (or None).
-        area: [N] pixels, sharp: [N] sharpness (which copy of a group stays). radius: bits.
+        area: [N] pixels, sharp: [N] sharpness, lossy: [N] bool, JPEG file (None: all
+            lossless); these decide which copy of a group stays (:func:`keep_order`). radius: bits.
         cos_threshold: embedding-only threshold (None: off). verify_cos: confirmation threshold
             of hash pairs (None: hash pairs need no confirmation).
         extra: more duplicate pairs found elsewhere, as (reason text, [P, 2] int positions), e.g.
@@ -239,7 +244,7 @@ def near_duplicates(codes: np.ndarray, emb: np.ndarray | None, area: np.ndarray,
         for a, b in ps.tolist():
             reason_of.setdefault((min(a, b), max(a, b)), text)
     group = connected_groups(n, pairs)
-    rank = keep_order(area, sharp)
+    rank = keep_order(area, sharp, lossy)
     keeper: dict[int, int] = {}
     for i in np.argsort(rank, kind="stable").tolist():
         keeper.setdefault(int(group[i]), i)

@@ -417,6 +417,7 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
         np.savez(work.path / "quality.npz", alive=np.asarray(alive, np.int64),
                  width=np.asarray([r["width"] for r in stats], np.int64),
                  height=np.asarray([r["height"] for r in stats], np.int64),
+                 lossy=np.asarray([r["lossy"] for r in stats], bool),
                  sharpness=np.asarray([r["sharpness"] for r in stats], np.float64),
                  file_hash=np.asarray([r["file_hash"] for r in stats], "U40"),
                  pixel_hash=np.asarray([r["pixel_hash"] for r in stats], "U40"),
@@ -476,6 +477,7 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
         codes = dedup.phash_array(q["phash"][keep_q].tolist())
         area = (q["width"] * q["height"])[keep_q].astype(np.float64)
         sharp = q["sharpness"][keep_q]
+        lossy = q["lossy"][keep_q] if "lossy" in q else None  # absent in a work dir from before it
         rem: list[dict[str, Any]] = []
         gone: set[int] = set()
         with _bar(o.progress) as bar:
@@ -518,7 +520,8 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
                 extra.append((crop_text, cropped))
             dups = dedup.near_duplicates(codes[rest], emb[rest] if len(rest) < len(emb) else emb,
                                          area[rest], sharp[rest], o.phash_radius, o.near_cos,
-                                         o.phash_cos, o.nprobe, extra=extra)
+                                         o.phash_cos, o.nprobe, extra=extra,
+                                         lossy=None if lossy is None else lossy[rest])
             for i, k, why in dups:
                 gone.add(int(rest[i]))
                 rem.append({"path": pool.keys[alive[rest[i]]], "stage": "near", "reason": why,
@@ -604,6 +607,7 @@ def _curate(src: str, out: str, o: CurateOptions, on_stage: Callable[[str], None
                    "after_sampling": int(len(chosen_e)),
                    "retrieved": rt_res["retrieved"] if rt_res else None,
                    "selected": int(len(selected))},
+        "other_files": pool.other_files,
         "removed_per_stage": {s: sum(r["stage"] == s for r in removed)
                               for s in ("quality", "exact", "near", "against")},
         "clusters": {"counts_per_level": cl_res["cluster_counts"],

@@ -37,6 +37,8 @@ class Pool:
             copied to the output.
         label_names: class names by label when known.
         pre_skipped: entries rejected while listing (``{"path", "reason"}``).
+        other_files: files of a folder SRC that are not images by their extension, never read,
+            counted by extension (``{".txt": 3}``).
     """
 
     src: str
@@ -47,6 +49,7 @@ class Pool:
     pre_skipped: list[dict[str, str]] = field(default_factory=list)
     _paths: list[str | None] | None = None
     _arrays: list[np.ndarray] | None = None
+    other_files: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -127,7 +130,7 @@ def list_pool(src: str | os.PathLike, what: str = "source") -> Pool:
     paths = None if arrays is not None else [t.path for t in tasks]
     return Pool(str(path), source.kind, [t.key for t in tasks],
                 np.asarray([t.label for t in tasks], np.int64), source.label_names,
-                list(source.pre_skipped), paths, arrays)
+                list(source.pre_skipped), paths, arrays, dict(source.other_files))
 
 
 _MDS_CACHE: dict[str, Any] = {}

@@ -1,7 +1,7 @@
 """Stage 1 (quality) and the per-image scan the later stages reuse.
 
-One decode per image (in ``workers`` processes) yields the image's size, a sharpness score, its
-contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and a 64-bit
+One decode per image (in ``workers`` processes) yields the image's size, whether its file is
+lossy-compressed (JPEG; which copy of a duplicate group stays), a sharpness score, its contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and a 64-bit
 perceptual hash (``imagehash.phash``: DCT of a 32 x 32 grayscale thumbnail), and optionally the
 crop descriptors of :mod:`.crops`. Rejections, each with its reason: the file does not read or
 decode; the shorter side is below ``min_side``; the aspect ratio exceeds ``max_aspect``; the image
@@ -30,6 +30,7 @@ from dvtrain.data.curate.pool import open_payload
 __all__ = ["QualityThresholds", "scan_images", "sharpness", "quality_reason"]
 
 _SHARPNESS_MAX_SIDE = 512
+_JPEG_MAGIC = b"\xff\xd8\xff"  # JPEG / MPO files start with it (SOI + the next marker)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def _scan_one(payload: Any, with_crops: bool = False) -> dict[str, Any]:
     else:
         gray_s = gray
     g = np.asarray(gray_s, dtype=np.float32)
-    rec = {"ok": True, "width": w, "height": h, "sharpness": sharpness(g), "std": float(g.std()),
+    rec = {"ok": True, "width": w, "height": h, "lossy": data is not None and data[:3] == _JPEG_MAGIC,
+           "sharpness": sharpness(g), "std": float(g.std()),
            "file_hash": file_hash, "pixel_hash": pixel_hash, "phash": _phash64(gray).hex()}
     if with_crops:
         rec["crop_desc"] = crop_descriptors(gray)
