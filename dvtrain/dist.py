@@ -19,10 +19,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as torch_dist
+
+#: What torch's extension builder reports when ninja was stopped by SIGINT.
+NINJA_INTERRUPTED = "ninja: build stopped: interrupted by user"
 
 __all__ = [
     "DistInfo",
@@ -121,6 +125,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, set_
 
     Raises:
         ValueError: malformed launcher environment (non-integer ranks, rank >= world size).
+        KeyboardInterrupt: a Ctrl-C interrupted DeepSpeed's one-time build of its CPU communication
+            op (ninja gets the signal too and fails the build; this turns it into the stop it was).
     """
     has_cuda = torch.cuda.is_available()
     if not has_cuda:
@@ -151,14 +157,46 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, set_
         import deepspeed  # noqa: PLC0415 - heavy import, only when a group is made
 
         _forget_deepspeed_groups()
-        deepspeed.init_distributed(
-            dist_backend=backend,
-            auto_mpi_discovery=False,
-            timeout=datetime.timedelta(seconds=timeout_s),
-            rank=rank_,
-            world_size=world,
-        )
+        if rank_ == 0 and _shm_op_needs_build():
+            print("[dvtrain] building DeepSpeed's CPU communication op (once per machine and torch version; "
+                  "about 30 s on 2 cores)", file=sys.stderr, flush=True)
+        try:
+            deepspeed.init_distributed(
+                dist_backend=backend,
+                auto_mpi_discovery=False,
+                timeout=datetime.timedelta(seconds=timeout_s),
+                rank=rank_,
+                world_size=world,
+            )
+        except RuntimeError as exc:
+            if NINJA_INTERRUPTED not in str(exc):
+                raise
+            # On CPU, DeepSpeed builds its shared-memory communication op with ninja the first time
+            # (the torch_extensions cache). A Ctrl-C reaches ninja too (same process group) and ends
+            # that build with this RuntimeError: a stop, not a failure.
+            if rank_ == 0:
+                print("[dvtrain] Ctrl-C stopped DeepSpeed's one-time build of its CPU communication op; "
+                      "the next launch builds it again", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt from None
     return DistInfo(rank_, world, local, local_world, backend, dev, threads)
+
+
+def _shm_op_needs_build() -> bool:
+    """True when ``deepspeed.init_distributed`` is about to JIT-build DeepSpeed's CPU shared-memory
+    communication op (``deepspeed/comm/torch.py: build_shm_op``: CPU accelerator, op compatible, no
+    ``deepspeed_shm_comm.so`` in the torch extensions cache yet); False when built or unknown."""
+    try:
+        from deepspeed.accelerator import get_accelerator  # noqa: PLC0415
+        from deepspeed.ops import __compatible_ops__  # noqa: PLC0415
+        from torch.utils.cpp_extension import _get_build_directory  # noqa: PLC0415
+
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is None or not __compatible_ops__.get(builder.NAME, False):
+            return False
+        build_dir = _get_build_directory(builder.NAME, verbose=False)
+    except Exception:  # noqa: BLE001 - a notice only; never stop a launch over it
+        return False
+    return not os.path.isfile(os.path.join(build_dir, f"{builder.NAME}.so"))
 
 
 def _forget_deepspeed_groups() -> None:

@@ -124,6 +124,38 @@ def test_launch_validation_errors_before_start(shards, tmp_path):
 
 
 @pytest.mark.slow
+def test_ctrl_c_during_the_first_build_of_deepspeeds_cpu_op_is_a_stop(shards, tmp_path):
+    """Where DeepSpeed's CPU communication op is not built yet (an empty TORCH_EXTENSIONS_DIR) the launch
+    says it builds it (about 30 s); a Ctrl-C during that ninja build (the signal reaches ninja too) stops
+    the launch with status 130 and one line, not a build-failure traceback and status 1."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(launch_cmd(tmp_path / "run", tiny_overrides(shards)), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True,
+                            env=env(TORCH_EXTENSIONS_DIR=str(tmp_path / "torch_extensions")),
+                            # SIGINT at its default even where this test runs with it ignored (a background job)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        seen = []
+        for line in proc.stderr:
+            seen.append(line)
+            if "building DeepSpeed's CPU communication op" in line:
+                break
+        assert seen and "building DeepSpeed's CPU communication op" in seen[-1], "".join(seen)[-2000:]
+        time.sleep(2.0)  # ninja is compiling now (the build takes ~30 s on 2 cores)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, rest = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(seen) + rest
+    assert proc.returncode == 130, err[-3000:]
+    assert "Ctrl-C stopped DeepSpeed's one-time build of its CPU communication op" in err
+    assert err.rstrip().endswith("stopped (Ctrl-C)") and "Traceback" not in err
+
+
+@pytest.mark.slow
 @pytest.mark.dist
 def test_two_process_launch(shards, tmp_path):
     run_dir = tmp_path / "run2"
