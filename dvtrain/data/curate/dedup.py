@@ -13,8 +13,9 @@ L2-normalised embeddings: exact ``IndexFlatIP`` up to 50k images, above it an in
 pairs, with the cropped copies of :mod:`.crops`, form a graph; from each connected group one image
 stays (the largest, then a lossless file before a JPEG, then the sharpest, then the first; JPEG
 block artefacts raise the sharpness score, so sharpness alone would keep a re-encode over its
-original), the others are removed as ``duplicate_of`` it. ``--against``: a pool image within the same radius / threshold of any image of the evaluation
-set, or a verified crop / rescale of one (:mod:`.crops`), is removed.
+original), the others are removed as ``duplicate_of`` it. ``--against``: a pool image within the
+same radius / threshold of any image of the evaluation set, or a verified crop / rescale of one
+(:mod:`.crops`), is removed.
 
 Reference: DINOv2 paper section 3 ("Deduplication": copy detection with SSCD embeddings and
 connected components; removal of near-duplicates of evaluation images). The embedding here is the

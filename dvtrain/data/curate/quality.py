@@ -1,7 +1,8 @@
 """Stage 1 (quality) and the per-image scan the later stages reuse.
 
 One decode per image (in ``workers`` processes) yields the image's size, whether its file is
-lossy-compressed (JPEG; which copy of a duplicate group stays), a sharpness score, its contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and a 64-bit
+lossy-compressed (a JPEG; this decides which copy of a duplicate group stays), a sharpness score,
+its contrast, the SHA-1 of the file bytes, the SHA-1 of the decoded pixels (RGB) and a 64-bit
 perceptual hash (``imagehash.phash``: DCT of a 32 x 32 grayscale thumbnail), and optionally the
 crop descriptors of :mod:`.crops`. Rejections, each with its reason: the file does not read or
 decode; the shorter side is below ``min_side``; the aspect ratio exceeds ``max_aspect``; the image
