@@ -12,9 +12,10 @@ sample, labels hidden from curation), each row over ``--seeds`` k-means/sampling
 2. other readouts of the model: the final CLS token (what curation embeds), CLS + mean patch token,
    the last four blocks' CLS tokens, an earlier block's CLS token, and the final CLS token centred
    and PCA-whitened to 64 dimensions (fitted on the pool);
-3. an upper bound: a linear embedding fitted with the labels (LDA of the 16 x 16 raw-pixel
-   thumbnails on the pool's own five classes, 4 dimensions), i.e. classes as separated as a linear
-   map of the pixels can make them;
+3. upper bounds, embeddings fitted with labels: a linear one (LDA of the 16 x 16 raw-pixel
+   thumbnails on the pool's own five classes, 4 dimensions: classes as separated as a linear map of
+   the pixels can make them), and a small supervised CNN (two conv layers, 128-d penultimate
+   features) trained on the labelled test split, then applied to the pool;
 4. a three times larger pool (the same 10:1 shape, 3,630 images; 600 sampled).
 """
 
@@ -86,6 +87,31 @@ def lda(x: np.ndarray, y: np.ndarray, dims: int) -> np.ndarray:
     return (x - mu) @ np.real(v[:, np.argsort(-np.real(w))[:dims]])
 
 
+def supervised_cnn(train: np.ndarray, train_labels: np.ndarray,
+                   epochs: int = 10) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A small CNN trained with cross-entropy on labelled 28 px images (Adam 1e-3, batch 128, seed 0).
+
+    Returns:
+        (feature extractor: [B, 1, 28, 28] in [0, 1] -> [B, 128] after ReLU, linear classifier)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                              torch.nn.Flatten(), torch.nn.Linear(64 * 49, 128), torch.nn.ReLU())
+    head = torch.nn.Linear(128, 10)
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], 1e-3)
+    x = torch.from_numpy(train).float().div(255).unsqueeze(1)
+    y = torch.from_numpy(train_labels).long()
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for s in range(0, len(x), 128):
+            i = perm[s:s + 128]
+            loss = torch.nn.functional.cross_entropy(head(net(x[i])), y[i])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net.eval(), head.eval()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
@@ -112,11 +138,22 @@ def main() -> None:
               "| readout | largest / smallest |", "|---|---|"]
     for name, x in readouts(args.model, images[idx]).items():
         lines.append(f"| {name} | {ratios(x, y, [35, 6], args.seeds)} |")
-    lines += ["", "## 3. a linear embedding fitted with the labels (upper bound)", "",
+    test_images, test_labels = load_fashion_mnist("test")
+    cnn, head = supervised_cnn(test_images, test_labels)
+    with torch.no_grad():
+        train_x = torch.from_numpy(images).float().div(255).unsqueeze(1)
+        accuracy = float((head(cnn(train_x)).argmax(1).numpy() == labels).mean())
+        feats = cnn(train_x[idx]).numpy()
+    lines += ["", "## 3. embeddings fitted with labels (upper bounds)", "",
+              f"The supervised CNN classifies the 20,000-image train split at {100 * accuracy:.1f} % "
+              f"(k-NN of the demo model: ~73 %, of raw pixels: 80 %).", "",
               "| embedding | largest / smallest |", "|---|---|",
               f"| LDA of the raw-pixel thumbnails, 4 dims, unnormalised | "
               f"{ratios(lda(pix, y, 4), y, [35, 6], args.seeds)} |",
               f"| the same, L2-normalised | {ratios(unit(lda(pix, y, 4)), y, [35, 6], args.seeds)} |"]
+    for counts in ([35, 6], [35, 5]):
+        lines.append(f"| supervised CNN trained on the labelled test split, 128-d, L2-normalised, "
+                     f"--clusters {','.join(map(str, counts))} | {ratios(unit(feats), y, counts, args.seeds)} |")
     big = np.concatenate([np.flatnonzero(labels == c)[:3 * n] for c, n in IMBALANCE.items()])
     yb = labels[big]
     xb = {"model": embed(Embedder(args.model, image_size=28), images[big]).astype(np.float32),
