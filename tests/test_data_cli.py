@@ -86,6 +86,14 @@ def test_convert_fashion_mnist_idx_with_label_names(tmp_path):
 def test_user_errors_exit_2_with_message(tmp_path):
     res = runner.invoke(app, ["convert", str(tmp_path / "missing"), str(tmp_path / "o")])
     assert res.exit_code == 1 and "does not exist" in res.output
+    (tmp_path / "no_images" / "sub").mkdir(parents=True)  # a dump of formats we do not read
+    for name in ("a.txt", "sub/b.heic", "sub/c.heic"):
+        (tmp_path / "no_images" / name).write_text("x")
+    for cmd in ("convert", "curate"):
+        res = runner.invoke(app, [cmd, str(tmp_path / "no_images"), str(tmp_path / "o_none")])
+        assert res.exit_code == 1 and "found no images; it holds 3 file(s) that are not images by their " \
+            "extension: .heic 2, .txt 1 (images: .jpg," in " ".join(res.output.split()), res.output
+        assert not (tmp_path / "o_none").exists()
     res = runner.invoke(app, ["inspect", str(tmp_path)])
     assert res.exit_code == 1 and "no index.json" in res.output
     photo_folder(tmp_path / "src")

@@ -83,12 +83,10 @@ def convert(
 
 def _print_other_files(other: dict[str, int]) -> None:
     """One console line for the files of a folder SRC that are not images by their extension."""
-    from dvtrain.data.shards import IMAGE_EXTENSIONS
+    from dvtrain.data.shards import other_files_text
 
     if other:
-        console.print(f"[yellow]ignored {sum(other.values())} file(s) that are not images by their "
-                      f"extension: {', '.join(f'{k} {v}' for k, v in other.items())} (images: "
-                      f"{', '.join(IMAGE_EXTENSIONS)})[/yellow]", highlight=False)
+        console.print(f"[yellow]ignored {other_files_text(other)}[/yellow]", highlight=False)
 
 
 @app.command()

@@ -189,6 +189,20 @@ class ImageSource:
     other_files: dict[str, int] = field(default_factory=dict)
 
 
+def other_files_text(other: dict[str, int]) -> str:
+    """``ImageSource.other_files`` in words: ``"3 file(s) that are not images by their extension:
+    .json 2, .txt 1 (images: .jpg, ...)"``."""
+    return (f"{sum(other.values())} file(s) that are not images by their extension: "
+            f"{', '.join(f'{k} {v}' for k, v in other.items())} (images: {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def no_images_error(what: str, source: ImageSource) -> ValueError:
+    """The error for a source without images, naming the other files it holds."""
+    found = f"; it holds {other_files_text(source.other_files)}" if source.other_files else \
+        f" (extensions {', '.join(IMAGE_EXTENSIONS)})"
+    return ValueError(f"{what}: found no images{found}")
+
+
 def _has_image_suffix(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
@@ -581,7 +595,7 @@ def convert_to_mds(
     tasks = source.tasks[:limit] if limit is not None else source.tasks
     pre_skipped = source.pre_skipped
     if not tasks:
-        raise ValueError(f"{src_path}: found no images (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        raise no_images_error(str(src_path), source)
 
     out_str = str(out)
     remote = is_remote(out_str)

@@ -124,8 +124,7 @@ def list_pool(src: str | os.PathLike, what: str = "source") -> Pool:
              f"(labels come from the subfolder names only when every image is inside one)")
     tasks = source.tasks
     if not tasks:
-        raise ValueError(f"{what} {path}: found no images (extensions "
-                         f"{', '.join(shards.IMAGE_EXTENSIONS)})")
+        raise shards.no_images_error(f"{what} {path}", source)
     arrays = [t.array for t in tasks] if tasks[0].array is not None else None
     paths = None if arrays is not None else [t.path for t in tasks]
     return Pool(str(path), source.kind, [t.key for t in tasks],
