@@ -160,8 +160,11 @@ def test_ctrl_c_during_the_first_build_of_deepspeeds_cpu_op_is_a_stop(shards, tm
 def test_two_process_launch(shards, tmp_path):
     run_dir = tmp_path / "run2"
     ovs = tiny_overrides(shards, "schedule.iterations_per_epoch=3", "checkpoint.every=3")
+    shm_before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
     res = run(launch_cmd(run_dir, ovs, "--nproc", "2"), timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
+    # DeepSpeed's CPU allreduce workspaces (66 MB of RAM per rank) are unlinked, not left behind
+    assert set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - shm_before == set()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["iterations"] == 3 and summary["images_seen"] == 3 * 16
     rows = [r for r in metrics(run_dir) if "total" in r]
