@@ -10,6 +10,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 .PHONY: setup demo test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PY) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= 8 else f'error: building $(VENV) needs about 8 GiB free on this disk ({free:.1f} GiB free): torch with its CUDA libraries, Triton and DeepSpeed take 7 GiB')"
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -c constraints.txt torch==2.14.1 torchvision==0.29.1
