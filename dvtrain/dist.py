@@ -183,10 +183,10 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, set_
     return DistInfo(rank_, world, local, local_world, backend, dev, threads)
 
 
-SHM_WORKSPACE_DIR = "/dev/shm"
+_SHM_DIR = "/dev/shm"
 
 
-def shm_workspace_name(rank_: int) -> str:
+def _shm_workspace_name(rank_: int) -> str:
     """Name of this rank's allreduce workspace that DeepSpeed's CPU shared-memory op creates in
     ``init_distributed`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp: shm_initialize``, about 66 MB each):
     ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
@@ -203,13 +203,14 @@ def _unlink_shm_workspace(rank_: int, world: int, local_world: int) -> None:
     ``world x 66 MB`` in ``/dev/shm`` (RAM) behind: 4 GiB after a day of test runs.
     ``shm_initialize`` returns only after a rank has mapped every peer's segment, so after a barrier
     each rank can unlink its own: the mappings stay valid until the processes exit, and nothing is
-    left behind even on a crash. The barrier follows ``local_world == world``, the same on every rank.
+    left behind when the run later crashes or is killed. The barrier follows ``local_world == world``,
+    the same on every rank.
     """
     if local_world != world:
         return  # several nodes: no shared-memory workspace
     if world > 1:
         torch_dist.barrier()
-    path = os.path.join(SHM_WORKSPACE_DIR, shm_workspace_name(rank_))
+    path = os.path.join(_SHM_DIR, _shm_workspace_name(rank_))
     try:
         os.unlink(path)
     except FileNotFoundError:
