@@ -8,6 +8,7 @@ traceback. A warning (:func:`warn`) is one line on stderr and changes no exit st
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from typing import Any, Callable, NoReturn
 
@@ -20,6 +21,10 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 #: Exceptions that carry a message meant for the user.
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+#: Set by ``dvtrain launch`` in the environment of the ranks it starts (:func:`dvtrain.launch.run_launcher`):
+#: that process passes a Ctrl-C on to them and reports the stop itself.
+LAUNCHER_PID_ENV = "DVTRAIN_LAUNCHER_PID"
 
 
 def report(exc: BaseException) -> None:
@@ -45,6 +50,11 @@ def user_errors(fn: Callable) -> Callable:
             report(exc)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:  # Ctrl-C: stopped, not failed (the exit status of a SIGINT)
+            if os.environ.get(LAUNCHER_PID_ENV):
+                # a rank of `dvtrain launch --nproc N`, stopped before its training loop: no line (the
+                # launching process prints one); the non-zero status makes DeepSpeed's launcher end the
+                # peers, which may be waiting for this rank in the rendezvous
+                raise typer.Exit(130) from None
             stopped("stopped (Ctrl-C)")
 
     return wrapper

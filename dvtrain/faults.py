@@ -3,8 +3,10 @@
 ``DVTRAIN_FAULT="kind:iteration[,kind:iteration...]"`` with kinds:
 
 - ``sigint`` / ``sigterm`` / ``sigkill``: rank 0 sends itself that signal right after the step that
-  reached ``iteration`` (as if a user or a scheduler had sent it during that step); SIGINT goes to
-  the whole process group when rank 0 leads one, as a terminal's Ctrl-C does (loader workers too);
+  reached ``iteration`` (as if a user or a scheduler had sent it during that step). SIGINT goes where
+  a terminal's Ctrl-C goes: to the process group of the ``dvtrain launch`` that started the ranks
+  (``dvtrain.errors.LAUNCHER_PID_ENV``), else to rank 0's own group
+  when it leads one (one process: loader workers too);
 - ``kill_in_save``: rank 0 SIGKILLs itself while writing the checkpoint of ``iteration``, after the
   engine's files and before ``COMPLETE``.
 
@@ -41,12 +43,17 @@ def fault_at(kind: str, iteration: int) -> bool:
 
 
 def maybe_signal_self(iteration: int, rank: int) -> None:
-    """On rank 0, send this process the signal ``DVTRAIN_FAULT`` names for ``iteration``, if any."""
+    """On rank 0, send the signal ``DVTRAIN_FAULT`` names for ``iteration``, if any (module docstring)."""
     if rank != 0:
         return
     for kind, sig in _SIGNALS.items():
         if fault_at(kind, iteration):
-            if sig == signal.SIGINT and os.getpgid(0) == os.getpid():
+            from dvtrain.errors import LAUNCHER_PID_ENV  # noqa: PLC0415 - the rank has imported it already
+
+            launcher = os.environ.get(LAUNCHER_PID_ENV)
+            if sig == signal.SIGINT and launcher:
+                os.killpg(os.getpgid(int(launcher)), sig)
+            elif sig == signal.SIGINT and os.getpgid(0) == os.getpid():
                 os.killpg(os.getpid(), sig)
             else:
                 os.kill(os.getpid(), sig)

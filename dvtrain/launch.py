@@ -2,8 +2,9 @@
 
 The run itself (one rank's loop, resume, metrics, summary) is :func:`dvtrain.train.run.run_worker`.
 Exit status of ``dvtrain launch``: 0 done (also: the run had already finished); 130 / 143 stopped by
-SIGINT / SIGTERM after writing a checkpoint; 1 diverged or failed (one message, ``summary.json``
-says why). A ``--worker`` rank exits 0 when stopped cleanly, so launchers do not tear its peers down.
+SIGINT / SIGTERM after writing a checkpoint (or before training started, or at once on a second
+signal: the last complete checkpoint is then unchanged); 1 diverged or failed (one message,
+``summary.json`` says why). A ``--worker`` rank exits 0 when stopped cleanly, so launchers do not tear its peers down.
 
 One process runs in place. ``--nproc N`` (one node) and ``--hostfile F`` (many nodes) re-launch the same
 command on every rank through DeepSpeed's launcher (``deepspeed --module dvtrain launch ... --worker``);
@@ -29,7 +30,7 @@ from dvtrain.checkpoint.atomic import find_latest_checkpoint
 from dvtrain.checkpoint.layout import checkpoint_iteration
 from dvtrain.data.remote import check_remote, is_remote
 from dvtrain.dist import find_free_port, threads_per_rank
-from dvtrain.errors import warn
+from dvtrain.errors import LAUNCHER_PID_ENV, warn
 from dvtrain.recipe import (
     RECIPE_PATHS,
     Recipe,
@@ -284,20 +285,64 @@ def launcher_env(nproc: int) -> dict[str, str]:
     return env
 
 
-def run_launcher(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the launcher in its own process group and forward SIGINT/SIGTERM to the whole group (the
-    ranks finish their step, checkpoint and exit); returns the launcher's exit code."""
+def _rank_processes(launcher_pid: int) -> list[Any]:
+    """The rank processes under a local ``deepspeed`` launcher: the children of its per-node
+    ``deepspeed.launcher.launch`` process (not that process, nor the ranks' loader workers or W&B
+    service). Empty before they start, after they end, and for ranks that pdsh starts on other nodes.
+
+    Returns:
+        ``psutil.Process`` objects.
+    """
+    import psutil  # noqa: PLC0415
+
+    try:
+        tree = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.Error:
+        return []
+    ranks = []
+    for proc in tree:
+        try:
+            if "deepspeed.launcher.launch" in proc.cmdline():
+                ranks += proc.children()
+        except psutil.Error:
+            continue
+    return ranks
+
+
+def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
+    """Run the ``deepspeed`` launcher in its own session and pass SIGINT/SIGTERM on to the ranks only.
+
+    The ranks finish their step, write a checkpoint and exit 0 (:class:`StopRequest`). The signal must
+    not reach DeepSpeed's launcher processes: ``deepspeed.launcher.launch`` answers one by sending
+    SIGTERM to every rank's whole process tree (loader workers, the W&B service) and SIGKILL 30 s
+    later, so a Ctrl-C ended in tracebacks and no checkpoint. Before the ranks exist (or when pdsh
+    runs them on other nodes) the launcher's session gets SIGTERM, which DeepSpeed's launchers handle
+    by tearing the job down without a traceback.
+
+    Returns:
+        (the launcher's exit code, the first signal received or None).
+    """
+    env = dict(env, **{LAUNCHER_PID_ENV: str(os.getpid())})
     proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    received: list[int] = []
 
     def forward(signum, _frame):
-        try:
-            os.killpg(proc.pid, signum)
-        except ProcessLookupError:
-            pass
+        received.append(signum)
+        ranks = _rank_processes(proc.pid)
+        for rank in ranks:
+            try:
+                rank.send_signal(signum)
+            except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: it ended meanwhile
+                pass
+        if not ranks:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return proc.wait()
+        return proc.wait(), (received[0] if received else None)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -340,6 +385,8 @@ class StopRequest:
         self._first_at = time.monotonic()
         self.requested = True
         self.signum = signum
+        if os.environ.get("RANK", "0") != "0":
+            return  # every rank gets the signal; rank 0 says it
         print(f"\n[dvtrain] {signal.Signals(signum).name}: finishing this step, writing a checkpoint, then exiting "
               "(send again to exit at once)", file=sys.stderr, flush=True)
 
@@ -409,7 +456,7 @@ def launch(
     Raises:
         RecipeError / ValueError: a one-line reason, before any process starts.
     """
-    from dvtrain.train.run import run_worker
+    from dvtrain.train.run import checkpoint_root, run_worker
 
     overrides = list(overrides) + overrides_from_extra_args(list(extra_args)) + overrides_from_sweep_params()
     recipe = load_recipe(recipe_path, overrides)
@@ -445,7 +492,14 @@ def launch(
             stop.uninstall()
     cmd = deepspeed_command(recipe_path, overrides, run_dir, resuming, nproc, hostfile, verbose=verbose)
     _say(f"starting {world} ranks" + (f": {format_command(cmd)}" if verbose else ""))
-    code = run_launcher(cmd, launcher_env(nproc or 1))
+    code, signum = run_launcher(cmd, launcher_env(nproc or 1))
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else None
+    if summary is None and signum is not None:
+        # before the ranks started, or a second signal (exit at once): checkpoints are switched into
+        # place atomically, so the last complete one is intact
+        _say(f"stopped by {signal.Signals(signum).name} before the ranks wrote a summary; the last complete "
+             f"checkpoint under {checkpoint_root(recipe, run_dir)}, if any, is unchanged: launch the same "
+             "command again to resume from it")
+        return 128 + signum
     return exit_code(summary, fallback=code or 1)

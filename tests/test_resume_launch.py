@@ -1,13 +1,15 @@
 """Exact resume through the front door: `dvtrain launch` (a subprocess) with the shipped smoke recipe's
 real settings (bf16, a loader worker, 2 global + 4 local crops, block masking, KoLeo, ZeRO-3), on 1 and
-2 ranks, interrupted by SIGINT, SIGTERM, SIGKILL mid-epoch and SIGKILL during a save (the very first
-save included), then relaunched with the same command. Each chain must reproduce the uninterrupted
-run: every iteration's metrics row exactly once with identical losses, and bit-identical final
-teacher and student weights. Also fp32 with gradient accumulation 2, a stop exactly at the end of a
-data epoch, exit codes, the resume line, the W&B run id, and a relaunch of a finished run.
+2 ranks, interrupted by SIGINT (on 2 ranks through the launching process, as a terminal's Ctrl-C),
+SIGTERM, SIGKILL mid-epoch and SIGKILL during a save (the very first save included), then relaunched
+with the same command. Each chain must reproduce the uninterrupted run: every iteration's metrics row
+exactly once with identical losses, and bit-identical final teacher and student weights. Also fp32
+with gradient accumulation 2, a stop exactly at the end of a data epoch, exit codes, the resume line,
+the W&B run id, and a relaunch of a finished run.
 
-Interruptions are placed with DVTRAIN_FAULT (dvtrain/faults.py): rank 0 sends itself the real signal
-right after the named iteration, or SIGKILLs itself in the middle of writing a checkpoint.
+Interruptions are placed with DVTRAIN_FAULT (dvtrain/faults.py): rank 0 sends the real signal right
+after the named iteration (SIGINT to the terminal's process group, the others to itself), or SIGKILLs
+itself in the middle of writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ def test_fp32_with_gradient_accumulation(shards, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_two_ranks_kill_in_first_save_sigterm_and_sigkill(shards, tmp_path):
+def test_two_ranks_kill_in_first_save_sigterm_sigkill_and_ctrl_c(shards, tmp_path):
     # 2 ranks x 8 images: 96 images are 6 global batches of 16, the same epoch arithmetic as one rank.
     extra = ["batch.micro_batch_per_device=8"]
     ref = tmp_path / "ref"
@@ -190,9 +192,16 @@ def test_two_ranks_kill_in_first_save_sigterm_and_sigkill(shards, tmp_path):
         ("kill_in_save:2", None),  # rank 0 dies in the first save; the launcher tears the job down
         ("sigterm:5", 143),     # only rank 0 receives it: the ranks agree and stop after the same step
         ("sigkill:7", None),    # rank 0 killed mid-epoch; 6 is the latest checkpoint
+        ("sigint:8", 130),      # Ctrl-C at the terminal: `dvtrain launch` passes it on to the ranks
         ("", 0),
     ], extra, nproc=2)
     assert "resuming from checkpoints/iter_00000005" in results[2].stderr
+    # the Ctrl-C reaches the ranks only, not DeepSpeed's launcher (which would SIGTERM the loader workers
+    # and the W&B service, then SIGKILL): one notice, a checkpoint where the ranks agreed to stop, no error
+    ctrl_c = results[3].stderr
+    assert ctrl_c.count("SIGINT: finishing this step") == 1 and "Traceback" not in ctrl_c and "[ERROR]" not in ctrl_c
+    assert any(f"resuming from checkpoints/iter_0000000{i} (iteration {i}" in results[4].stderr for i in (8, 9))
+    assert "[dvtrain] stopped: iteration" in ctrl_c and "relaunch the same command" in ctrl_c
     _assert_same_run(ref, run)
 
 
