@@ -5,8 +5,8 @@
 - ``sigint`` / ``sigterm`` / ``sigkill``: rank 0 sends itself that signal right after the step that
   reached ``iteration`` (as if a user or a scheduler had sent it during that step). SIGINT goes where
   a terminal's Ctrl-C goes: to the process group of the ``dvtrain launch`` that started the ranks
-  (``dvtrain.errors.LAUNCHER_PID_ENV``), else to rank 0's own group
-  when it leads one (one process: loader workers too);
+  (``dvtrain.errors.LAUNCHER_PID_ENV``), else to rank 0's own group when it leads one (one process:
+  its loader workers too);
 - ``kill_in_save``: rank 0 SIGKILLs itself while writing the checkpoint of ``iteration``, after the
   engine's files and before ``COMPLETE``.
 

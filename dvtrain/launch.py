@@ -4,7 +4,8 @@ The run itself (one rank's loop, resume, metrics, summary) is :func:`dvtrain.tra
 Exit status of ``dvtrain launch``: 0 done (also: the run had already finished); 130 / 143 stopped by
 SIGINT / SIGTERM after writing a checkpoint (or before training started, or at once on a second
 signal: the last complete checkpoint is then unchanged); 1 diverged or failed (one message,
-``summary.json`` says why). A ``--worker`` rank exits 0 when stopped cleanly, so launchers do not tear its peers down.
+``summary.json`` says why). A ``--worker`` rank exits 0 when stopped cleanly, so launchers do not
+tear its peers down.
 
 One process runs in place. ``--nproc N`` (one node) and ``--hostfile F`` (many nodes) re-launch the same
 command on every rank through DeepSpeed's launcher (``deepspeed --module dvtrain launch ... --worker``);
@@ -24,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from dvtrain.checkpoint.atomic import find_latest_checkpoint
@@ -293,8 +295,6 @@ def _rank_processes(launcher_pid: int) -> list[Any]:
     Returns:
         ``psutil.Process`` objects.
     """
-    import psutil  # noqa: PLC0415
-
     try:
         tree = psutil.Process(launcher_pid).children(recursive=True)
     except psutil.Error:
@@ -332,7 +332,7 @@ def run_launcher(cmd: list[str], env: dict[str, str]) -> tuple[int, int | None]:
         for rank in ranks:
             try:
                 rank.send_signal(signum)
-            except Exception:  # noqa: BLE001 - psutil.NoSuchProcess: it ended meanwhile
+            except psutil.Error:  # it ended meanwhile
                 pass
         if not ranks:
             try:
