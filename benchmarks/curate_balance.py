@@ -36,6 +36,11 @@ from dvtrain.data.fashion_mnist import CLASSES, load_fashion_mnist
 IMBALANCE = {0: 600, 1: 300, 7: 150, 8: 100, 9: 60}
 
 
+def imbalanced_pool(labels: np.ndarray, scale: int = 1) -> np.ndarray:
+    """Indices of the imbalanced pool: the first ``scale * n`` images of each class of IMBALANCE."""
+    return np.concatenate([np.flatnonzero(labels == c)[:scale * n] for c, n in IMBALANCE.items()])
+
+
 def embed(e: Embedder, images: np.ndarray) -> np.ndarray:
     out = [e.embed_images([Image.fromarray(a) for a in images[s:s + 256]]) for s in range(0, len(images), 256)]
     return np.concatenate(out).astype(np.float16)
@@ -80,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
     images, labels = load_fashion_mnist("train")
     test_images, test_labels = load_fashion_mnist("test")
-    idx = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in IMBALANCE.items()])
+    idx = imbalanced_pool(labels)
     ridx = np.concatenate([np.flatnonzero(labels == c)[:150] for c in range(10)])
     lines = ["# balanced sampling and retrieval on Fashion-MNIST", "",
              f"load: `{subprocess.run(['uptime'], capture_output=True, text=True).stdout.strip()}`", "",

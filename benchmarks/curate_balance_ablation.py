@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from curate_balance import IMBALANCE, embed, emit, sample_counts
+from curate_balance import embed, emit, imbalanced_pool, sample_counts
 from dvtrain.checkpoint.backbone import load_backbone
 from dvtrain.data.curate import cluster as cl
 from dvtrain.data.curate.crops import thumbnail
@@ -119,7 +119,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     images, labels = load_fashion_mnist("train")
-    idx = np.concatenate([np.flatnonzero(labels == c)[:n] for c, n in IMBALANCE.items()])
+    idx = imbalanced_pool(labels)
     y = labels[idx]
     pix = embed(Embedder("pixels"), images[idx]).astype(np.float32)
     model = embed(Embedder(args.model, image_size=28), images[idx]).astype(np.float32)
@@ -154,7 +154,7 @@ def main() -> None:
     for counts in ([35, 6], [35, 5]):
         lines.append(f"| supervised CNN trained on the labelled test split, 128-d, L2-normalised, "
                      f"--clusters {','.join(map(str, counts))} | {ratios(unit(feats), y, counts, args.seeds)} |")
-    big = np.concatenate([np.flatnonzero(labels == c)[:3 * n] for c, n in IMBALANCE.items()])
+    big = imbalanced_pool(labels, scale=3)
     yb = labels[big]
     xb = {"model": embed(Embedder(args.model, image_size=28), images[big]).astype(np.float32),
           "raw pixels": embed(Embedder("pixels"), images[big]).astype(np.float32)}
