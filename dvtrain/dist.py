@@ -183,23 +183,15 @@ def init_distributed(backend: str | None = None, timeout_s: float = 1800.0, set_
     return DistInfo(rank_, world, local, local_world, backend, dev, threads)
 
 
-_SHM_DIR = "/dev/shm"
-
-
-def _shm_workspace_name(rank_: int) -> str:
-    """Name of this rank's allreduce workspace that DeepSpeed's CPU shared-memory op creates in
-    ``init_distributed`` (``deepspeed/ops/csrc/cpu/comm/shm.cpp: shm_initialize``, about 66 MB each):
-    ``deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}"
-
-
 def _unlink_shm_workspace(rank_: int, world: int, local_world: int) -> None:
     """Unlink this rank's DeepSpeed shared-memory allreduce workspace once every rank has mapped it.
 
-    DeepSpeed creates one segment per rank when all ranks share a node (its ``shm_interface.cpp``
-    checks ``LOCAL_SIZE == WORLD_SIZE``; the deepspeed launcher exports ``LOCAL_SIZE``) and never
-    unlinks it (``shared_close`` is never called), so every multi-process CPU run left
+    The workspace (about 66 MB) is
+    ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>``
+    (``deepspeed/ops/csrc/cpu/comm/shm.cpp: shm_initialize``). DeepSpeed creates one per rank when all
+    ranks share a node (its ``shm_interface.cpp`` checks ``LOCAL_SIZE == WORLD_SIZE``; the deepspeed
+    launcher exports ``LOCAL_SIZE``) and never unlinks it (``shared_close`` is never called), so every
+    multi-process CPU run left
     ``world x 66 MB`` in ``/dev/shm`` (RAM) behind: 4 GiB after a day of test runs.
     ``shm_initialize`` returns only after a rank has mapped every peer's segment, so after a barrier
     each rank can unlink its own: the mappings stay valid until the processes exit, and nothing is
@@ -210,9 +202,9 @@ def _unlink_shm_workspace(rank_: int, world: int, local_world: int) -> None:
         return  # several nodes: no shared-memory workspace
     if world > 1:
         torch_dist.barrier()
-    path = os.path.join(_SHM_DIR, _shm_workspace_name(rank_))
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     try:
-        os.unlink(path)
+        os.unlink(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_}")
     except FileNotFoundError:
         pass
 
